@@ -1,0 +1,178 @@
+"""The experiment config: pydantic schema, YAML loading, overrides, validation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from oiafed import registry
+from oiafed.exceptions import ConfigError
+
+INJECTED_ARGS = {"model": {"input_shape", "num_classes"}, "dataset": {"seed"}}
+"""Arguments oiafed passes to components itself (never set in a config)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(_Strict):
+    """A ``{type, args}`` section: the registry name (kind implied) and its arguments."""
+
+    type: str = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    type: str = Field("digits", min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+    num_clients: int = Field(10, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    partition: Component = Field(default_factory=lambda: Component(type="iid"))
+
+
+class RuntimeConfig(_Strict):
+    mode: Literal["serial"] = "serial"
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment. Every field has a default, so ``{}`` is a valid config."""
+
+    name: str = Field("experiment", min_length=1, pattern=r"^[\w.-]+$")
+    seed: int = 0
+    output_dir: str = "runs"
+    imports: list[str] = Field(default_factory=list)
+    strict: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: Component = Field(default_factory=lambda: Component(type="mlp"))
+    trainer: Component = Field(default_factory=lambda: Component(type="default"))
+    learner: Component = Field(default_factory=lambda: Component(type="default"))
+    aggregator: Component = Field(default_factory=lambda: Component(type="fedavg"))
+    callbacks: list[Component] = Field(default_factory=list)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def sections(self) -> list[tuple[str, str, Component | DataConfig]]:
+        """Every component section as ``(kind, key path, section)``."""
+        found: list[tuple[str, str, Component | DataConfig]] = [
+            ("dataset", "data", self.data),
+            ("partitioner", "data.partition", self.data.partition),
+            ("model", "model", self.model),
+            ("trainer", "trainer", self.trainer),
+            ("learner", "learner", self.learner),
+            ("aggregator", "aggregator", self.aggregator),
+        ]
+        found += [("callback", f"callbacks[{i}]", cb) for i, cb in enumerate(self.callbacks)]
+        return found
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(config)"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (a clear error if it is missing or malformed)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``key.path=value`` overrides (values parsed as YAML).
+
+    List items are addressed by index: ``callbacks.0.args.patience=3``.
+    """
+    result = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
+    for key, value in items:
+        parts = key.split(".")
+        node: Any = result
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"no list item {part!r} in override {key!r}", where)
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key!r}: {where} is not inside a section", where)
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return result
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a config dict against the schema (errors name every bad key path)."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{_path(err['loc'])}: {message}")
+        raise ConfigError("invalid config: " + "; ".join(problems)) from exc
+
+
+def check_components(cfg: ExperimentConfig) -> None:
+    """Import ``imports``, then check every section's type is registered and its args fit."""
+    registry.import_modules(cfg.imports)
+    for kind, path, section in cfg.sections():
+        target = registry.get(kind, section.type, path=f"{path}.type")
+        registry.validate_args(target, section.args, f"{path}.args", INJECTED_ARGS.get(kind, set()))
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | ExperimentConfig,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Load, override and validate a config from a YAML path or a dict.
+
+    Raises:
+        ConfigError: naming the key path of every problem found.
+    """
+    if isinstance(source, ExperimentConfig):
+        raw = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        raw = read_yaml(source)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    cfg = parse_config(raw)
+    check_components(cfg)
+    return cfg

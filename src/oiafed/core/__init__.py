@@ -1,0 +1,1 @@
+"""The federated round loop and its parts."""

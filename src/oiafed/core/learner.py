@@ -1,0 +1,148 @@
+"""Local training on one client's data; the epoch hooks fire here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from oiafed.callbacks.base import CallbackManager
+from oiafed.core.types import ClientUpdate, Weights
+from oiafed.data.arrays import ArrayDataset
+from oiafed.exceptions import ConfigError
+from oiafed.registry import register
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@register("learner.default")
+class Learner:
+    """Trains the global model on a client's data for ``epochs`` passes of minibatches.
+
+    One learner object serves many clients in turn: ``client_id``, ``optimizer`` and
+    ``round_num`` describe the client being trained. Callbacks may read and change
+    ``learner.model`` and ``learner.optimizer`` (its learning rate, say) from epoch hooks.
+
+    Args:
+        epochs: local passes over the data per round.
+        batch_size: minibatch size.
+        lr: learning rate (a per-round ``lr`` sent by the trainer takes precedence).
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty (decoupled for adamw).
+
+    Raises:
+        ConfigError: on a non-positive ``epochs``/``batch_size``/``lr`` or an unknown optimizer.
+
+    YAML:
+        learner:
+          type: default
+          args: {epochs: 1, batch_size: 32, lr: 0.05, optimizer: sgd}
+    """
+
+    def __init__(
+        self,
+        epochs: int = 1,
+        batch_size: int = 32,
+        lr: float = 0.01,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if epochs < 1 or batch_size < 1 or lr <= 0:
+            raise ConfigError(
+                f"epochs and batch_size must be >= 1 and lr > 0; got epochs={epochs}, "
+                f"batch_size={batch_size}, lr={lr}"
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        if momentum < 0 or weight_decay < 0:
+            raise ConfigError("momentum and weight_decay must be >= 0")
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.model: nn.Module | None = None
+        self.callbacks = CallbackManager()
+        self.client_id: str | None = None
+        self.round_num: int | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def setup(self, model: nn.Module, callbacks: CallbackManager) -> None:
+        """Give the learner its own model object and the callbacks its epoch hooks run."""
+        self.model = model
+        self.callbacks = callbacks
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``self.model`` (optimizer state is per client and round)."""
+        params = self.model.parameters()
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss (cross-entropy); override for another objective."""
+        return F.cross_entropy(logits, targets)
+
+    async def fit(
+        self,
+        client_id: str,
+        weights: Weights,
+        data: ArrayDataset,
+        *,
+        round_num: int,
+        seed: int,
+        config: dict[str, Any] | None = None,
+    ) -> ClientUpdate:
+        """Train client ``client_id`` from ``weights``; return its update.
+
+        ``seed`` fixes data order (and any randomness in the model); ``config`` holds the
+        trainer's per-round settings (``lr``).
+        """
+        if self.model is None:
+            raise RuntimeError("Learner.setup() must be called before fit()")
+        self.client_id = client_id
+        self.round_num = round_num
+        self.model.load_state_dict(weights)
+        self.optimizer = self.make_optimizer((config or {}).get("lr", self.lr))
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        metrics: dict[str, float] = {"accuracy": float("nan"), "loss": float("nan")}
+        hooks = self.callbacks
+        for epoch in range(1, self.epochs + 1):
+            if hooks.implements("on_epoch_start"):
+                await hooks.on_epoch_start(self, epoch)
+            metrics = self.train_epoch(data, generator)
+            if hooks.implements("on_epoch_end"):
+                await hooks.on_epoch_end(self, epoch, metrics)
+        new_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return ClientUpdate(client_id, len(data), dict(metrics), new_weights)
+
+    def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
+        """One pass over ``data`` in shuffled minibatches; mean loss and accuracy."""
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        n = len(data)
+        if n == 0:
+            return {"accuracy": float("nan"), "loss": float("nan")}
+        order = torch.randperm(n, generator=generator)
+        loss_sum = torch.zeros(())
+        correct = torch.zeros((), dtype=torch.int64)
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size]
+            x, y = data.x[index], data.y[index]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = self.loss(logits, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+        return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}

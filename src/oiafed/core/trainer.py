@@ -1,0 +1,232 @@
+"""The round loop. Every trainer-level hook fires in this file (epoch hooks: ``learner.py``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+import numpy as np
+from torch import nn
+
+from oiafed.callbacks.base import CallbackManager
+from oiafed.core.aggregators import Aggregator
+from oiafed.core.evaluation import evaluate
+from oiafed.core.types import ClientUpdate, RoundResult, TrainResult, Weights
+from oiafed.data.arrays import ArrayDataset
+from oiafed.exceptions import ConfigError, OiafedError
+from oiafed.registry import register
+from oiafed.seeding import SAMPLING, rng
+
+
+class Runtime(Protocol):
+    """Where learners train: the only thing that differs between runtimes."""
+
+    async def train(
+        self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
+    ) -> list[ClientUpdate]: ...
+
+
+class RoundRecorder(Protocol):
+    """Receives each round's history row as soon as the round ends (the run folder)."""
+
+    def record_round(self, row: dict[str, Any]) -> None: ...
+
+
+class SelectionError(OiafedError):
+    """``trainer.client_selection_weights`` holds an unknown id or a bad weight."""
+
+
+@register("trainer.default")
+class Trainer:
+    """Runs federated rounds: select clients, train them, aggregate, evaluate, call back.
+
+    Control fields callbacks may set:
+        should_stop: training ends after the current round; stays set once set. The callback
+            that set it is recorded as ``stopped_by``; it may explain why in ``stop_reason``.
+        client_selection_weights: dict client id -> weight >= 0 steering the *next* selection
+            (sampling without replacement, proportional to weight; ids left out get weight 0).
+            The trainer clears it after using it, so a callback sets it each round it wants it.
+        fit_config: per-round settings sent to every learner (``{"lr": 0.01}``); kept.
+
+    Args:
+        rounds: number of rounds.
+        clients_per_round: clients sampled per round (default: all); or
+        fraction: the fraction of clients sampled per round (at least one).
+        eval_every: evaluate the global model every this many rounds (and at the last round).
+
+    YAML:
+        trainer:
+          type: default
+          args: {rounds: 30, clients_per_round: 5, eval_every: 1}
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        clients_per_round: int | None = None,
+        fraction: float | None = None,
+        eval_every: int = 1,
+    ) -> None:
+        if rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {rounds}")
+        if clients_per_round is not None and fraction is not None:
+            raise ConfigError("set clients_per_round or fraction, not both")
+        if clients_per_round is not None and clients_per_round < 1:
+            raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+        if eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {eval_every}")
+        self.rounds = rounds
+        self.clients_per_round = clients_per_round
+        self.fraction = fraction
+        self.eval_every = eval_every
+        self.round_num = 0
+        self.should_stop = False
+        self.stopped_by: str | None = None
+        self.stop_reason: str | None = None
+        self.client_selection_weights: dict[str, float] | None = None
+        self.fit_config: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.model: nn.Module | None = None
+        self.client_ids: list[str] = []
+        self.config: Any = None
+
+    def bind(
+        self,
+        *,
+        model: nn.Module,
+        aggregator: Aggregator,
+        runtime: Runtime,
+        callbacks: CallbackManager,
+        test_data: ArrayDataset,
+        client_ids: list[str],
+        seed: int,
+        config: Any = None,
+        recorder: RoundRecorder | None = None,
+    ) -> Trainer:
+        """Attach what a run provides: the global model, clients, runtime and callbacks."""
+        self.model = model
+        self.aggregator = aggregator
+        self.runtime = runtime
+        self.callbacks = callbacks
+        self.test_data = test_data
+        self.client_ids = list(client_ids)
+        self._client_set = frozenset(self.client_ids)
+        self.seed = seed
+        self.config = config
+        self.recorder = recorder
+        if not self.client_ids:
+            raise ConfigError("a federation needs at least one client")
+        return self
+
+    @property
+    def num_sampled(self) -> int:
+        """How many clients each round samples."""
+        total = len(self.client_ids)
+        if self.clients_per_round is not None:
+            return min(self.clients_per_round, total)
+        if self.fraction is not None:
+            return max(1, round(self.fraction * total))
+        return total
+
+    async def fit(self) -> TrainResult:
+        """Run every round (or until ``should_stop``); return the ``TrainResult``."""
+        started = time.perf_counter()
+        await self.callbacks.on_train_start(self)
+        while self.round_num < self.rounds and not self.should_stop:
+            await self.run_round(self.round_num + 1)
+        result = TrainResult(
+            rounds_completed=self.round_num,
+            history=self.history,
+            stop_reason=self._stop_reason(),
+            stopped_by=self.stopped_by if self.should_stop else None,
+            callback_errors=[e.to_dict() for e in self.callbacks.errors],
+            weights=self.model.state_dict(),
+            wall_time=time.perf_counter() - started,
+        )
+        await self.callbacks.on_train_end(self, result)
+        result.callback_errors = [e.to_dict() for e in self.callbacks.errors]
+        return result
+
+    async def run_round(self, round_num: int) -> RoundResult:
+        """One round: select, train, aggregate, evaluate; every round hook fires here."""
+        started = time.perf_counter()
+        self.round_num = round_num
+        await self.callbacks.on_round_start(self, round_num)
+        selected = self.select_clients(round_num)
+        global_weights = self.model.state_dict()
+        updates = await self.runtime.train(round_num, selected, global_weights,
+                                           dict(self.fit_config))
+        await self.callbacks.on_aggregate_start(self, updates)
+        weights = self.aggregator.aggregate(updates, global_weights)
+        await self.callbacks.on_aggregate_end(self, weights)
+        self.model.load_state_dict(weights)
+        metrics = self.train_metrics(updates)
+        if round_num % self.eval_every == 0 or round_num == self.rounds:
+            metrics.update(evaluate(self.model, self.test_data))
+        metrics["round_time"] = time.perf_counter() - started
+        result = RoundResult(round_num, metrics, updates)
+        await self.callbacks.on_round_end(self, round_num, result)
+        row = {"round": round_num, **result.metrics}
+        self.history.append(row)
+        if self.recorder is not None:
+            self.recorder.record_round(row)
+        return result
+
+    def select_clients(self, round_num: int) -> list[str]:
+        """This round's clients, drawn without replacement from the round's own seed."""
+        weights, self.client_selection_weights = self.client_selection_weights, None
+        gen = rng(self.seed, SAMPLING, round_num)
+        k = self.num_sampled
+        if weights is not None:
+            ids, probs = self._selection_probabilities(weights)
+            picked = gen.choice(len(ids), size=min(k, len(ids)), replace=False, p=probs)
+            return [ids[i] for i in sorted(picked)]
+        total = len(self.client_ids)
+        if k == total:
+            return list(self.client_ids)
+        return [self.client_ids[i] for i in sorted(gen.choice(total, size=k, replace=False))]
+
+    def _selection_probabilities(self, weights: Any) -> tuple[list[str], np.ndarray]:
+        if not isinstance(weights, dict):
+            raise SelectionError(
+                f"client_selection_weights must be a dict client_id -> weight, got "
+                f"{type(weights).__name__}"
+            )
+        ids, values = [], []
+        for cid, weight in weights.items():
+            if cid not in self._client_set:
+                raise SelectionError(f"client_selection_weights names unknown client {cid!r}")
+            if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+                raise SelectionError(
+                    f"client_selection_weights[{cid!r}] must be a finite number >= 0, got {weight!r}"
+                )
+            if weight > 0:
+                ids.append(cid)
+                values.append(float(weight))
+        if not ids:
+            raise SelectionError("client_selection_weights gives every client weight 0")
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        probs = np.array([values[i] for i in order])
+        return [ids[i] for i in order], probs / probs.sum()
+
+    @staticmethod
+    def train_metrics(updates: list[ClientUpdate]) -> dict[str, float]:
+        """Sample-weighted local ``train_accuracy``/``train_loss``, client and sample counts."""
+        total = sum(u.num_samples for u in updates)
+        metrics: dict[str, float] = {"num_clients": len(updates), "num_samples": total}
+        for name in ("accuracy", "loss"):
+            weighted = [(u.metrics.get(name), u.num_samples) for u in updates if u.num_samples]
+            metrics[f"train_{name}"] = (
+                sum(float(v) * n for v, n in weighted) / total if total else float("nan")
+            )
+        return metrics
+
+    def _stop_reason(self) -> str:
+        if not self.should_stop:
+            return "completed"
+        if self.stop_reason:
+            return self.stop_reason
+        return f"should_stop set by {self.stopped_by or 'user code'}"

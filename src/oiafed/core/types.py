@@ -1,0 +1,87 @@
+"""The values that move through a round: client updates, round results, the final result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Weights = dict[str, torch.Tensor]
+"""A model's weights: parameter and buffer name -> tensor (a ``state_dict``)."""
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local training.
+
+    Attributes:
+        client_id: the client's id (``client_3``).
+        num_samples: how many local samples it trained on (the FedAvg weight).
+        metrics: local training metrics; at least ``accuracy`` and ``loss``.
+        weights: the client's model weights after training.
+    """
+
+    client_id: str
+    num_samples: int
+    metrics: dict[str, float]
+    weights: Weights
+
+
+@dataclass
+class RoundResult:
+    """One round's outcome, given to ``on_round_end``.
+
+    Attributes:
+        round_num: the round number, starting at 1.
+        metrics: global-test ``accuracy`` and ``loss`` (on evaluated rounds), sample-weighted
+            ``train_accuracy`` and ``train_loss``, ``num_clients``, ``num_samples`` and
+            ``round_time`` (seconds). Callbacks may add entries; they are recorded.
+        updates: the clients' updates of this round.
+    """
+
+    round_num: int
+    metrics: dict[str, float]
+    updates: list[ClientUpdate] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """A whole run's outcome, given to ``on_train_end`` and returned by ``oiafed.run``.
+
+    Attributes:
+        rounds_completed: how many rounds ran.
+        history: one metrics dict per round, each with ``round``.
+        stop_reason: ``"completed"`` when every round ran, else why training stopped.
+        stopped_by: the callback that set ``trainer.should_stop``, if any.
+        callback_errors: the errors callbacks raised (training went on), as dicts.
+        run_dir: the run folder, when the run wrote one.
+        weights: the final global weights.
+    """
+
+    rounds_completed: int
+    history: list[dict[str, float]]
+    stop_reason: str
+    stopped_by: str | None
+    callback_errors: list[dict[str, Any]]
+    weights: Weights
+    run_dir: Path | None = None
+    wall_time: float = 0.0
+
+    def best(self, metric: str = "accuracy", mode: str = "max") -> dict[str, float] | None:
+        """The history entry with the best finite ``metric`` (None if no round has it)."""
+        rows = [
+            row for row in self.history
+            if isinstance(row.get(metric), int | float) and math.isfinite(row[metric])
+        ]
+        if not rows:
+            return None
+        pick = max if mode == "max" else min
+        return pick(rows, key=lambda row: row[metric])
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The last round's metrics (empty when no round ran)."""
+        return self.history[-1] if self.history else {}

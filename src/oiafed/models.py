@@ -1,0 +1,66 @@
+"""Built-in models. Input shape and number of classes come from the dataset."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from oiafed.exceptions import ConfigError
+from oiafed.registry import register
+
+
+@register("model.logreg")
+def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+@register("model.mlp")
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (64,)
+) -> nn.Module:
+    """Fully connected network with ReLU; ``hidden: [64, 64]`` gives two hidden layers.
+
+    YAML:
+        model: {type: mlp, args: {hidden: [64]}}
+    """
+    if any(h < 1 for h in hidden):
+        raise ConfigError(f"hidden sizes must be >= 1, got {list(hidden)}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register("model.cnn")
+def cnn(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    channels: Sequence[int] = (32, 64),
+    hidden: int = 128,
+) -> nn.Module:
+    """Small CNN: per entry of ``channels`` a 3x3 conv, ReLU and 2x2 max-pool, then an MLP head.
+
+    Needs image input (``C x H x W``).
+    """
+    if len(input_shape) != 3:
+        raise ConfigError(f"cnn needs image input (C, H, W); the dataset gives {input_shape}")
+    if not channels or any(c < 1 for c in channels) or hidden < 1:
+        raise ConfigError("channels must be a non-empty list of sizes >= 1 and hidden >= 1")
+    layers: list[nn.Module] = []
+    in_channels = input_shape[0]
+    for out_channels in channels:
+        layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU()]
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        in_channels = out_channels
+    features = nn.Sequential(*layers)
+    with torch.no_grad():
+        width = features(torch.zeros(1, *input_shape)).numel()
+    head = [nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(features, *head)

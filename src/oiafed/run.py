@@ -1,0 +1,125 @@
+"""config -> components -> runtime -> ``TrainResult`` and a run folder."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from oiafed import registry
+from oiafed.callbacks.base import CallbackManager
+from oiafed.config import ExperimentConfig, load_config
+from oiafed.core.trainer import Trainer
+from oiafed.core.types import TrainResult
+from oiafed.data.federated import FederatedData, build_federated_data
+from oiafed.exceptions import InputError
+from oiafed.run_folder import RunFolder
+from oiafed.runtime.serial import SerialRuntime
+from oiafed.seeding import INIT, derive_seed
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Experiment:
+    """Everything a run is made of, built from a validated config."""
+
+    config: ExperimentConfig
+    data: FederatedData
+    trainer: Trainer
+    callbacks: CallbackManager
+
+    @classmethod
+    def build(cls, cfg: ExperimentConfig, extra_callbacks: list[Any] | None = None) -> Experiment:
+        data = build_federated_data(cfg.data, cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, INIT))
+            model = registry.build("model", cfg.model.model_dump(), "model",
+                                   input_shape=data.input_shape, num_classes=data.num_classes)
+        callbacks = [
+            registry.build("callback", section.model_dump(), f"callbacks[{i}]")
+            for i, section in enumerate(cfg.callbacks)
+        ]
+        manager = CallbackManager([*callbacks, *(extra_callbacks or [])], strict=cfg.strict)
+        learner = registry.build("learner", cfg.learner.model_dump(), "learner")
+        learner.setup(copy.deepcopy(model), manager)
+        trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
+        trainer.bind(
+            model=model,
+            aggregator=registry.build("aggregator", cfg.aggregator.model_dump(), "aggregator"),
+            runtime=SerialRuntime(learner, data, cfg.seed),
+            callbacks=manager,
+            test_data=data.test,
+            client_ids=data.client_ids,
+            seed=cfg.seed,
+            config=cfg,
+        )
+        return cls(cfg, data, trainer, manager)
+
+
+def run(
+    config: str | Path | dict[str, Any] | ExperimentConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    callbacks: list[Any] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> TrainResult:
+    """Run a federated experiment from a YAML path or a config dict.
+
+    Args:
+        config: path of a YAML file, a dict, or an ``ExperimentConfig``.
+        run_dir: the run folder (default ``<output_dir>/<name>-<timestamp>``).
+        resume: a run folder to continue (not available in this version).
+        callbacks: callback instances to add after the configured ones.
+        overrides: ``["trainer.args.rounds=5", ...]`` or ``{"trainer.args.rounds": 5}``.
+
+    Returns:
+        The ``TrainResult`` (history, stop reason, final weights, run folder).
+
+    Raises:
+        ConfigError: when the config is invalid (nothing is written).
+    """
+    if resume is not None:
+        raise InputError("resuming a run is not available in this version of oiafed")
+    cfg = load_config(config, overrides)
+    experiment = Experiment.build(cfg, callbacks)
+    folder = RunFolder.create(run_dir, cfg)
+    folder.write_config(cfg)
+    experiment.trainer.recorder = folder
+    folder.write_partition(experiment.data.report())
+    logger.info("run folder: %s", folder.path)
+    result = run_coroutine(experiment.trainer.fit())
+    result.run_dir = folder.path
+    folder.write_summary(result)
+    return result
+
+
+def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to completion, also from inside a running event loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="oiafed-run")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -1,0 +1,81 @@
+"""The run folder: resolved config, per-round metrics, partition report and summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from oiafed.config import ExperimentConfig
+from oiafed.core.types import TrainResult
+from oiafed.exceptions import InputError
+from oiafed.io import atomic_write_json, atomic_write_text
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PARTITION = "partition.json"
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+class RunFolder:
+    """One run's folder. ``record_round`` appends a line to ``metrics.jsonl`` per round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, run_dir: str | Path | None, cfg: ExperimentConfig) -> RunFolder:
+        """Make ``run_dir`` (default ``<output_dir>/<name>-<timestamp>``) for a new run.
+
+        Raises:
+            InputError: if the folder already holds a run (nothing in it is touched).
+        """
+        if run_dir is None:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+            path, n = base, 1
+            while path.exists():
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        else:
+            path = Path(run_dir)
+            if (path / METRICS).exists() or (path / CONFIG).exists():
+                raise InputError(f"{path} already holds a run; choose another --run-dir")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path.resolve())
+
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        atomic_write_text(self.path / CONFIG, cfg.to_yaml())
+
+    def write_partition(self, report: dict[str, Any]) -> None:
+        atomic_write_json(self.path / PARTITION, report)
+
+    def record_round(self, row: dict[str, Any]) -> None:
+        line = json.dumps({k: _jsonable(v) for k, v in row.items()})
+        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def write_summary(self, result: TrainResult) -> None:
+        best = result.best()
+        atomic_write_json(self.path / SUMMARY, {
+            "rounds_completed": result.rounds_completed,
+            "stop_reason": result.stop_reason,
+            "stopped_by": result.stopped_by,
+            "best_round": best["round"] if best else None,
+            "best_metrics": best,
+            "final_metrics": result.final_metrics,
+            "callback_errors": len(result.callback_errors),
+            "wall_time": result.wall_time,
+        })
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``."""
+        file = self.path / METRICS
+        if not file.exists():
+            return []
+        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
