@@ -52,6 +52,7 @@ class Experiment:
         learner = registry.build("learner", cfg.learner.model_dump(), "learner")
         learner.setup(copy.deepcopy(model), manager)
         trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
+        trainer.fit_config["lr"] = learner.lr
         trainer.bind(
             model=model,
             aggregator=registry.build("aggregator", cfg.aggregator.model_dump(), "aggregator"),
@@ -95,6 +96,7 @@ def run(
     folder = RunFolder.create(run_dir, cfg)
     folder.write_config(cfg)
     experiment.trainer.recorder = folder
+    experiment.trainer.run_dir = folder.path
     folder.write_partition(experiment.data.report())
     logger.info("run folder: %s", folder.path)
     result = run_coroutine(experiment.trainer.fit())

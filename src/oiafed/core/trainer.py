@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,7 +48,12 @@ class Trainer:
         client_selection_weights: dict client id -> weight >= 0 steering the *next* selection
             (sampling without replacement, proportional to weight; ids left out get weight 0).
             The trainer clears it after using it, so a callback sets it each round it wants it.
-        fit_config: per-round settings sent to every learner (``{"lr": 0.01}``); kept.
+        fit_config: per-round settings sent to every learner; kept. ``run`` puts the
+            learner's ``lr`` here, so a callback changes the learning rate by setting it.
+
+    Also there for callbacks: ``model`` (the global model), ``round_num``, ``rounds``,
+    ``client_ids``, ``config`` (the ``ExperimentConfig``), ``history`` and ``run_dir``
+    (the run folder, where relative paths of callbacks resolve; None outside ``run``).
 
     Args:
         rounds: number of rounds.
@@ -92,6 +98,7 @@ class Trainer:
         self.model: nn.Module | None = None
         self.client_ids: list[str] = []
         self.config: Any = None
+        self.run_dir: Path | None = None
 
     def bind(
         self,
