@@ -28,12 +28,29 @@ class Component(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+def _section(default_type: str) -> type[Component]:
+    """A ``{type, args}`` section whose ``type`` may be left out (``default_type``)."""
+
+    class Section(Component):
+        type: str = Field(default_type, min_length=1)
+
+    Section.__name__ = f"{default_type.title()}Section"
+    return Section
+
+
+ModelSection = _section("mlp")
+TrainerSection = _section("default")
+LearnerSection = _section("default")
+AggregatorSection = _section("fedavg")
+PartitionSection = _section("iid")
+
+
 class DataConfig(_Strict):
     type: str = Field("digits", min_length=1)
     args: dict[str, Any] = Field(default_factory=dict)
     num_clients: int = Field(10, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    partition: Component = Field(default_factory=lambda: Component(type="iid"))
+    partition: PartitionSection = Field(default_factory=PartitionSection)
 
 
 class RuntimeConfig(_Strict):
@@ -49,10 +66,10 @@ class ExperimentConfig(_Strict):
     imports: list[str] = Field(default_factory=list)
     strict: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
-    model: Component = Field(default_factory=lambda: Component(type="mlp"))
-    trainer: Component = Field(default_factory=lambda: Component(type="default"))
-    learner: Component = Field(default_factory=lambda: Component(type="default"))
-    aggregator: Component = Field(default_factory=lambda: Component(type="fedavg"))
+    model: ModelSection = Field(default_factory=ModelSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    learner: LearnerSection = Field(default_factory=LearnerSection)
+    aggregator: AggregatorSection = Field(default_factory=AggregatorSection)
     callbacks: list[Component] = Field(default_factory=list)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
