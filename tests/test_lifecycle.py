@@ -7,11 +7,11 @@ import logging
 
 import pytest
 import torch
-from support import tiny_config, without_timing
 
 import oiafed
 from oiafed import Callback, CallbackError, CallbackManager
 from oiafed.core.trainer import SelectionError
+from support import tiny_config, without_timing
 
 
 class Recorder(Callback):
@@ -143,7 +143,7 @@ def test_a_failing_callback_is_logged_counted_and_training_goes_on(tmp_path, cap
 
 def test_strict_mode_reraises(tmp_path):
     config = tiny_config(strict=True)
-    with pytest.raises(CallbackError, match="Boom.on_round_end"):
+    with pytest.raises(CallbackError, match=r"Boom\.on_round_end"):
         oiafed.run(config, run_dir=tmp_path / "run", callbacks=[Boom()])
 
 

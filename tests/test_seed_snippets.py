@@ -9,14 +9,13 @@ import random
 import re
 from abc import ABC
 from pathlib import Path
-from typing import List  # noqa: UP035 - the seed's snippets use typing.List
 
 import pytest
 import yaml
-from support import RegistrySnapshot, tiny_config
 
 import oiafed
 from oiafed import Callback, CallbackManager, RoundResult, register, registry
+from support import RegistrySnapshot, tiny_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "callbacks.zh.md"
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "callbacks.zh.md"
@@ -33,7 +32,7 @@ def snippet(marker: str) -> str:
 
 def run_snippet(marker: str, **names) -> dict:
     """Execute a snippet as the page shows it, with the names the page takes as given."""
-    namespace = {"__name__": "seed_page", "ABC": ABC, "List": List, "random": random,
+    namespace = {"__name__": "seed_page", "ABC": ABC, "List": list, "random": random,
                  "logger": logging.getLogger("seed_page"), "Callback": Callback,
                  "register": register, **names}
     exec(compile(snippet(marker), f"callbacks.zh.md[{marker}]", "exec"), namespace)
