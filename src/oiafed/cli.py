@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_cmd = commands.add_parser("run", help="run an experiment from a YAML config")
-    run_cmd.add_argument("config", help="path of the YAML config")
+    run_cmd.add_argument("config", nargs="?", help="path of the YAML config (not needed with --resume)")
     run_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                          help="config overrides, e.g. trainer.args.rounds=5")
     run_cmd.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>-<time>)")
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
+    if args.config and "=" in args.config and not args.resume:
+        raise InputError(f"the first argument must be the config file, got {args.config!r}")
+    if args.config and "=" in args.config:
+        args.overrides, args.config = [args.config, *args.overrides], None
     extra = [] if args.quiet else [ProgressCallback(console)]
     result = run(args.config, run_dir=args.run_dir, resume=args.resume,
                  callbacks=extra, overrides=args.overrides)

@@ -55,6 +55,8 @@ class DataConfig(_Strict):
 
 class RuntimeConfig(_Strict):
     mode: Literal["serial"] = "serial"
+    checkpoint_every: int = Field(1, ge=0)
+    """Save the resumable run state every this many rounds (0: never)."""
 
 
 class ExperimentConfig(_Strict):

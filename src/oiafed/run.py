@@ -20,9 +20,11 @@ from oiafed.core.trainer import Trainer
 from oiafed.core.types import TrainResult
 from oiafed.data.federated import FederatedData, build_federated_data
 from oiafed.exceptions import InputError
+from oiafed.run_folder import CONFIG as CONFIG_FILE
 from oiafed.run_folder import RunFolder
 from oiafed.runtime.serial import SerialRuntime
 from oiafed.seeding import INIT, derive_seed
+from oiafed.state import load_state, restore_rng
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,7 +69,7 @@ class Experiment:
 
 
 def run(
-    config: str | Path | dict[str, Any] | ExperimentConfig,
+    config: str | Path | dict[str, Any] | ExperimentConfig | None,
     *,
     run_dir: str | Path | None = None,
     resume: str | Path | None = None,
@@ -77,9 +79,11 @@ def run(
     """Run a federated experiment from a YAML path or a config dict.
 
     Args:
-        config: path of a YAML file, a dict, or an ``ExperimentConfig``.
+        config: path of a YAML file, a dict, or an ``ExperimentConfig``; None when resuming
+            (the run folder's ``config.yaml`` is used).
         run_dir: the run folder (default ``<output_dir>/<name>-<timestamp>``).
-        resume: a run folder to continue (not available in this version).
+        resume: a run folder to continue after its last saved round; the result equals that
+            of an uninterrupted run. A config given too must match the saved one.
         callbacks: callback instances to add after the configured ones.
         overrides: ``["trainer.args.rounds=5", ...]`` or ``{"trainer.args.rounds": 5}``.
 
@@ -88,21 +92,52 @@ def run(
 
     Raises:
         ConfigError: when the config is invalid (nothing is written).
+        InputError: when ``resume`` names no resumable run (nothing is changed).
     """
     if resume is not None:
-        raise InputError("resuming a run is not available in this version of oiafed")
-    cfg = load_config(config, overrides)
-    experiment = Experiment.build(cfg, callbacks)
-    folder = RunFolder.create(run_dir, cfg)
-    folder.write_config(cfg)
-    experiment.trainer.recorder = folder
-    experiment.trainer.run_dir = folder.path
-    folder.write_partition(experiment.data.report())
+        folder, experiment = _resume(config, Path(resume), callbacks, overrides)
+    else:
+        if config is None:
+            raise InputError("give a config (or a run folder to resume)")
+        cfg = load_config(config, overrides)
+        experiment = Experiment.build(cfg, callbacks)
+        folder = RunFolder.create(run_dir, cfg)
+        folder.write_config(cfg)
+        folder.write_partition(experiment.data.report())
+    trainer = experiment.trainer
+    trainer.recorder = folder
+    trainer.run_dir = folder.path
     logger.info("run folder: %s", folder.path)
-    result = run_coroutine(experiment.trainer.fit())
+    result = run_coroutine(trainer.fit())
     result.run_dir = folder.path
+    folder.save_state(trainer)
     folder.write_summary(result)
     return result
+
+
+def _resume(
+    config: Any, run_dir: Path, callbacks: list[Any] | None, overrides: Any
+) -> tuple[RunFolder, Experiment]:
+    """Rebuild a run from its folder and saved state; change nothing on disk until all is read."""
+    folder = RunFolder.open(run_dir)
+    saved = load_config(folder.path / CONFIG_FILE, overrides)
+    if config is not None:
+        given = load_config(config, overrides)
+        if given != saved:
+            raise InputError(f"the config given differs from {folder.path / CONFIG_FILE}; "
+                             "resume with no config (or the same one)")
+    state = load_state(folder.path)
+    folder.checkpoint_every = saved.runtime.checkpoint_every
+    experiment = Experiment.build(saved, callbacks)
+    try:
+        experiment.trainer.load_state_dict(state["trainer"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
+    restore_rng(state["rng"])
+    folder.keep_metrics_until(experiment.trainer.round_num)
+    if overrides:
+        folder.write_config(saved)
+    return folder, experiment
 
 
 def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -11,6 +11,7 @@ from oiafed.config import ExperimentConfig
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
+from oiafed.state import STATE_FILE, save_state
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -23,10 +24,20 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunFolder:
-    """One run's folder. ``record_round`` appends a line to ``metrics.jsonl`` per round."""
+    """One run's folder. After each round ``record_round`` appends a line to ``metrics.jsonl``
+    and, every ``checkpoint_every`` rounds, saves the resumable state (``state.pt``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint_every: int = 1) -> None:
         self.path = path
+        self.checkpoint_every = checkpoint_every
+
+    @classmethod
+    def open(cls, run_dir: str | Path, checkpoint_every: int = 1) -> RunFolder:
+        """An existing run folder, to resume (an ``InputError`` if it is not one)."""
+        path = Path(run_dir)
+        if not (path / CONFIG).is_file():
+            raise InputError(f"cannot resume: {path} is not a run folder (no {CONFIG})")
+        return cls(path.resolve(), checkpoint_every)
 
     @classmethod
     def create(cls, run_dir: str | Path | None, cfg: ExperimentConfig) -> RunFolder:
@@ -44,10 +55,10 @@ class RunFolder:
                 path = base.with_name(f"{base.name}-{n}")
         else:
             path = Path(run_dir)
-            if (path / METRICS).exists() or (path / CONFIG).exists():
+            if any((path / name).exists() for name in (METRICS, CONFIG, STATE_FILE)):
                 raise InputError(f"{path} already holds a run; choose another --run-dir")
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path.resolve())
+        return cls(path.resolve(), cfg.runtime.checkpoint_every)
 
     def write_config(self, cfg: ExperimentConfig) -> None:
         atomic_write_text(self.path / CONFIG, cfg.to_yaml())
@@ -55,10 +66,22 @@ class RunFolder:
     def write_partition(self, report: dict[str, Any]) -> None:
         atomic_write_json(self.path / PARTITION, report)
 
-    def record_round(self, row: dict[str, Any]) -> None:
+    def record_round(self, trainer: Any, row: dict[str, Any]) -> None:
         line = json.dumps({k: _jsonable(v) for k, v in row.items()})
         with open(self.path / METRICS, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+        if self.checkpoint_every and row["round"] % self.checkpoint_every == 0:
+            self.save_state(trainer)
+
+    def save_state(self, trainer: Any) -> None:
+        """Write the resumable state of ``trainer`` (atomically)."""
+        if self.checkpoint_every:
+            save_state(self.path, trainer.state_dict())
+
+    def keep_metrics_until(self, round_num: int) -> None:
+        """Drop ``metrics.jsonl`` rows after ``round_num`` (rounds a resumed run redoes)."""
+        rows = [row for row in self.read_metrics() if row["round"] <= round_num]
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
 
     def write_summary(self, result: TrainResult) -> None:
         best = result.best()
@@ -78,4 +101,12 @@ class RunFolder:
         file = self.path / METRICS
         if not file.exists():
             return []
-        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # only the last line may be cut short by a kill
+                    raise InputError(f"{file} line {i + 1} is not JSON") from None
+        return rows

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oiafed import registry
-from oiafed.exceptions import CallbackError
+from oiafed.exceptions import CallbackError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,15 @@ class Callback(ABC):  # noqa: B024 - the seed makes it an ABC whose hooks are al
 
     async def on_aggregate_end(self, trainer: Any, weights: dict, **kwargs: Any) -> None:
         """Called with the new global weights after aggregation."""
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a run's saved state (default: its label).
+
+        Override it (e.g. adding the monitored metric) when one config holds two callbacks
+        of the same type that both keep state.
+        """
+        return callback_label(self)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state to save with the run (stateless callbacks return ``{}``)."""
@@ -110,6 +119,36 @@ class CallbackManager:
         self.strict = strict
         self.errors: list[CallbackErrorRecord] = []
         self._plan = {hook: self._bind(hook) for hook in HOOKS}
+        self._stateful = self._stateful_callbacks()
+
+    def _stateful_callbacks(self) -> dict[str, Any]:
+        stateful: dict[str, Any] = {}
+        for cb in self.callbacks:
+            if not callable(getattr(cb, "state_dict", None)) or (
+                isinstance(cb, Callback) and type(cb).state_dict is Callback.state_dict
+            ):
+                continue
+            key = getattr(cb, "state_key", None) or callback_label(cb)
+            if key in stateful:
+                raise ConfigError(
+                    f"two callbacks keep state under the key {key!r}; give one a distinct "
+                    "state_key so a resumed run can tell them apart", "callbacks"
+                )
+            stateful[key] = cb
+        return stateful
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Every stateful callback's ``state_dict()``, by its ``state_key``."""
+        return {key: cb.state_dict() for key, cb in self._stateful.items()}
+
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        """Give each callback its saved state; saved states no callback claims are logged."""
+        for key, state in states.items():
+            if key in self._stateful:
+                self._stateful[key].load_state_dict(state)
+            else:
+                logger.warning("saved state of callback %r has no configured callback; ignored",
+                               key)
 
     def _bind(self, hook: str) -> list[tuple[str, Any]]:
         return [

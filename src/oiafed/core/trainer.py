@@ -31,7 +31,7 @@ class Runtime(Protocol):
 class RoundRecorder(Protocol):
     """Receives each round's history row as soon as the round ends (the run folder)."""
 
-    def record_round(self, row: dict[str, Any]) -> None: ...
+    def record_round(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
 
 
 class SelectionError(OiafedError):
@@ -179,7 +179,7 @@ class Trainer:
         row = {"round": round_num, **result.metrics}
         self.history.append(row)
         if self.recorder is not None:
-            self.recorder.record_round(row)
+            self.recorder.record_round(self, row)
         return result
 
     def select_clients(self, round_num: int) -> list[str]:
@@ -230,6 +230,36 @@ class Trainer:
                 sum(float(v) * n for v, n in weighted) / total if total else float("nan")
             )
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after the current round.
+
+        Client sampling and local data order need no state: they are derived from
+        ``(seed, round)``, so a resumed run draws what an uninterrupted one would.
+        """
+        return {
+            "round_num": self.round_num,
+            "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "aggregator": self.aggregator.state_dict(),
+            "callbacks": self.callbacks.state_dict(),
+            "should_stop": self.should_stop,
+            "stopped_by": self.stopped_by,
+            "stop_reason": self.stop_reason,
+            "fit_config": dict(self.fit_config),
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (after ``bind``)."""
+        self.model.load_state_dict(state["weights"])
+        self.aggregator.load_state_dict(state["aggregator"])
+        self.callbacks.load_state_dict(state["callbacks"])
+        self.round_num = state["round_num"]
+        self.should_stop = state["should_stop"]
+        self.stopped_by = state["stopped_by"]
+        self.stop_reason = state["stop_reason"]
+        self.fit_config = dict(state["fit_config"])
+        self.history = [dict(row) for row in state["history"]]
 
     def _stop_reason(self) -> str:
         if not self.should_stop:

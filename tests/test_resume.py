@@ -1,0 +1,192 @@
+"""Exact resume: a run stopped at any point continues to the uninterrupted run's result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from support import tiny_config, without_timing
+
+import oiafed
+from oiafed import Callback
+from oiafed.exceptions import InputError
+
+CONFIG = tiny_config(
+    data={"type": "digits", "num_clients": 6,
+          "partition": {"type": "dirichlet", "args": {"alpha": 0.5, "min_size": 5}}},
+    trainer={"args": {"rounds": 6, "clients_per_round": 3}},
+)
+
+
+class Interrupt(Callback):
+    """Simulates a crash (Ctrl-C) at the end of ``round_num``."""
+
+    def __init__(self, round_num: int) -> None:
+        self.round_num = round_num
+
+    async def on_round_end(self, trainer, round_num, result, **kwargs):
+        if round_num == self.round_num:
+            raise KeyboardInterrupt
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def rounds_in(folder: Path) -> list[int]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["round"] for line in lines]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    whole = oiafed.run(CONFIG, run_dir=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(CONFIG, run_dir=tmp_path / "cut", callbacks=[Interrupt(3)])
+    assert rounds_in(tmp_path / "cut") == [1, 2]  # killed inside round 3
+
+    resumed = oiafed.run(None, resume=tmp_path / "cut")
+    assert resumed.rounds_completed == 6
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert_same_weights(resumed.weights, whole.weights)
+    assert rounds_in(tmp_path / "cut") == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 6
+
+
+def test_rounds_after_the_last_saved_state_are_redone_once(tmp_path):
+    config = {**CONFIG, "runtime": {"checkpoint_every": 2}}
+    whole = oiafed.run(config, run_dir=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(config, run_dir=tmp_path / "cut", callbacks=[Interrupt(4)])
+    assert rounds_in(tmp_path / "cut") == [1, 2, 3]  # state saved after round 2 only
+    resumed = oiafed.run(None, resume=tmp_path / "cut")
+    assert rounds_in(tmp_path / "cut") == [1, 2, 3, 4, 5, 6]
+    assert without_timing(resumed.history) == without_timing(whole.history)
+
+
+def test_resuming_a_finished_run_changes_nothing_in_the_result(tmp_path):
+    whole = oiafed.run(CONFIG, run_dir=tmp_path / "run")
+    again = oiafed.run(None, resume=tmp_path / "run")
+    assert again.rounds_completed == 6
+    assert without_timing(again.history) == without_timing(whole.history)
+    assert rounds_in(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "truncated"])
+def test_a_broken_state_file_is_a_clear_error_that_changes_nothing(tmp_path, damage):
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(CONFIG, run_dir=tmp_path / "run", callbacks=[Interrupt(2)])
+    state = tmp_path / "run" / "state.pt"
+    if damage == "corrupt":
+        state.write_bytes(b"not a checkpoint at all")
+    elif damage == "missing":
+        state.unlink()
+    else:
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    before = folder_digest(tmp_path / "run")
+    with pytest.raises(InputError, match="cannot resume"):
+        oiafed.run(None, resume=tmp_path / "run")
+    assert folder_digest(tmp_path / "run") == before
+
+
+def test_resume_rejects_a_different_config_and_a_non_run_folder(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(CONFIG, run_dir=tmp_path / "run", callbacks=[Interrupt(2)])
+    before = folder_digest(tmp_path / "run")
+    with pytest.raises(InputError, match="differs"):
+        oiafed.run({**CONFIG, "seed": 7}, resume=tmp_path / "run")
+    with pytest.raises(InputError, match="not a run folder"):
+        oiafed.run(None, resume=tmp_path)
+    assert folder_digest(tmp_path / "run") == before
+
+
+def test_state_file_loads_with_weights_only(tmp_path):
+    result = oiafed.run(CONFIG, run_dir=tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["trainer"]["round_num"] == 6
+    assert_same_weights(state["trainer"]["weights"], result.weights)
+
+
+def test_checkpoint_every_zero_writes_no_state(tmp_path):
+    oiafed.run({**CONFIG, "runtime": {"checkpoint_every": 0}}, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "state.pt").exists()
+    with pytest.raises(InputError, match="does not exist"):
+        oiafed.run(None, resume=tmp_path / "run")
+
+
+SLOW_MODULE = textwrap.dedent('''
+    import time
+    from oiafed import Callback, register
+
+    @register("callback.slow_rounds")
+    class SlowRounds(Callback):
+        """Gives a test time to kill the run between rounds."""
+
+        def __init__(self, seconds: float = 0.3):
+            self.seconds = seconds
+
+        async def on_round_end(self, trainer, round_num, result, **kwargs):
+            time.sleep(self.seconds)
+''')
+
+
+def cli(*args: str, cwd: Path) -> list[str]:
+    return [sys.executable, "-m", "oiafed.cli", *args]
+
+
+@pytest.mark.slow
+def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
+    (tmp_path / "slow_rounds.py").write_text(SLOW_MODULE)
+    config = {**CONFIG, "imports": ["slow_rounds"],
+              "trainer": {"args": {"rounds": 8, "clients_per_round": 3}},
+              "callbacks": [{"type": "slow_rounds", "args": {"seconds": 0.3}}]}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run_dir = tmp_path / "killed"
+
+    process = subprocess.Popen(cli("run", str(config_file), "--run-dir", str(run_dir), "-q",
+                                   cwd=tmp_path), env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert len(rounds_in(run_dir)) < 8
+
+    resumed = subprocess.run(cli("run", "--resume", str(run_dir), "-q", cwd=tmp_path),
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        whole = oiafed.run(config, run_dir=tmp_path / "whole", overrides=[
+            "callbacks.0.args.seconds=0"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == list(range(1, 9))
+    assert without_timing(rows) == without_timing(whole.history)
+    final = torch.load(run_dir / "state.pt", weights_only=True)["trainer"]["weights"]
+    assert_same_weights(final, whole.weights)
