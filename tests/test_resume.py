@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import tiny_config, without_timing
 
 import oiafed
 from oiafed import Callback
 from oiafed.exceptions import InputError
+from support import tiny_config, without_timing
 
 CONFIG = tiny_config(
     data={"type": "digits", "num_clients": 6,
