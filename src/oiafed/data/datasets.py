@@ -4,6 +4,7 @@ splits off the global test set and partitions the rest among clients."""
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +59,20 @@ def synthetic(
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ConfigError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ConfigError(f"{path} is truncated: its header is cut short")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise ConfigError(f"{path} is truncated: header says {shape}, found {array.size} bytes")
+        raise ConfigError(f"{path} is truncated or corrupt: header says {shape}, found {array.size} bytes")
     return array.reshape(shape)
 
 
@@ -92,5 +98,8 @@ def mnist(seed: int, root: str, split: str = "all") -> ArrayDataset:
     prefixes = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
     images = [_read_idx(_find(folder, f"{p}-images-idx3-ubyte")) for p in prefixes]
     labels = [_read_idx(_find(folder, f"{p}-labels-idx1-ubyte")) for p in prefixes]
+    for prefix, x_part, y_part in zip(prefixes, images, labels, strict=True):
+        if len(x_part) != len(y_part):
+            raise ConfigError(f"{folder}: {prefix} has {len(x_part)} images but {len(y_part)} labels")
     x = np.concatenate(images).astype(np.float32)[:, None, :, :] / 255.0
     return ArrayDataset.from_numpy(x, np.concatenate(labels), num_classes=10)
