@@ -6,6 +6,7 @@ weights and hold any state an algorithm needs.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -25,15 +26,16 @@ def weighted_average(weights_list: Sequence[Weights], coefficients: Sequence[flo
     The inputs are not modified.
 
     Raises:
-        OiafedError: on an empty list, a negative or all-zero coefficient, or mismatched keys.
+        OiafedError: on an empty list, a negative, non-finite or all-zero coefficient, or
+            mismatched keys or shapes.
     """
     if not weights_list:
         raise OiafedError("cannot aggregate zero updates")
     coeffs = [float(c) for c in coefficients]
     if len(coeffs) != len(weights_list):
         raise OiafedError(f"{len(weights_list)} updates but {len(coeffs)} coefficients")
-    if any(c < 0 for c in coeffs):
-        raise OiafedError(f"aggregation coefficients must be non-negative: {coeffs}")
+    if any(not math.isfinite(c) or c < 0 for c in coeffs):
+        raise OiafedError(f"aggregation coefficients must be finite and non-negative: {coeffs}")
     total = sum(coeffs)
     if total <= 0:
         raise OiafedError("aggregation coefficients sum to zero (every update has weight 0)")
@@ -41,6 +43,10 @@ def weighted_average(weights_list: Sequence[Weights], coefficients: Sequence[flo
     for i, weights in enumerate(weights_list[1:], start=1):
         if weights.keys() != keys:
             raise OiafedError(f"update {i} has keys {sorted(weights)} instead of {sorted(keys)}")
+        for key in keys:
+            if weights[key].shape != weights_list[0][key].shape:
+                raise OiafedError(f"update {i} has {key!r} of shape {tuple(weights[key].shape)} "
+                                  f"instead of {tuple(weights_list[0][key].shape)}")
     scale = torch.tensor([c / total for c in coeffs], dtype=torch.float64)
     leader = max(range(len(coeffs)), key=coeffs.__getitem__)
     averaged: Weights = {}
