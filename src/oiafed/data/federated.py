@@ -88,7 +88,12 @@ def build_federated_data(data_cfg: Any, seed: int) -> FederatedData:
             "data.num_clients",
         )
     partitioner = registry.build("partitioner", data_cfg.partition.model_dump(), "data.partition")
-    parts = partitioner(train.y.numpy(), data_cfg.num_clients, rng(seed, PARTITION))
+    try:
+        parts = partitioner(train.y.numpy(), data_cfg.num_clients, rng(seed, PARTITION))
+    except ConfigError as exc:
+        if exc.path:
+            raise
+        raise ConfigError(str(exc), "data.partition.args") from exc
     _check_partition(parts, len(train), data_cfg.num_clients)
     return FederatedData(train, test, parts)
 
