@@ -214,6 +214,7 @@ class LRSchedulerCallback(Callback):
         """Record the rate used as ``result.metrics["lr"]``, then step to the next rate."""
         self._ensure(trainer)
         result.metrics["lr"] = self.lr
+        self.optimizer.step()  # a no-op (no gradients) that tells PyTorch the round trained
         if self.scheduler_type == "plateau":
             value = monitored_value(NAME, result.metrics, self.options["metric"])
             if value is None:
