@@ -126,6 +126,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
     items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
     for key, value in items:
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {key!r} has an empty part; use key.path=value")
         node: Any = result
         for depth, part in enumerate(parts):
             where = ".".join(parts[: depth + 1])
@@ -134,7 +136,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
                     raise ConfigError(f"no list item {part!r} in override {key!r}", where)
                 part = int(part)
             elif not isinstance(node, dict):
-                raise ConfigError(f"cannot set {key!r}: {where} is not inside a section", where)
+                parent = ".".join(parts[:depth])
+                raise ConfigError(f"cannot set {key!r}: {parent} holds a value, not a section", parent)
             if depth == len(parts) - 1:
                 node[part] = value
             else:
