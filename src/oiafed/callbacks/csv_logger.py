@@ -29,7 +29,7 @@ class CSVLoggerCallback(Callback):
     back exactly). A relative ``filename`` is inside the run folder (``trainer.run_dir``;
     the working directory when there is none). A fresh run replaces an existing file; a
     resumed run (``load_state_dict``) keeps the rows up to its saved round and drops later
-    ones that an interrupted run wrote.
+    ones that an interrupted run wrote (and columns only those rows had).
 
     Args:
         filename: the CSV file.
@@ -99,17 +99,13 @@ class CSVLoggerCallback(Callback):
         if self.path is None or not self.path.exists():
             return []
         with open(self.path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            for name in reader.fieldnames or []:
-                if name not in self.columns:
-                    self.columns.append(name)
-        return rows
+            return list(csv.DictReader(handle))
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         buffer = io.StringIO(newline="")
         if self.columns:
-            writer = csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n")
+            writer = csv.DictWriter(buffer, self.columns, restval="", extrasaction="ignore",
+                                    lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         atomic_write_text(self.path, buffer.getvalue())
