@@ -98,3 +98,13 @@ def test_run_writes_metrics_csv_in_the_run_folder(tmp_path):
         for key in header:
             assert (float(row[key]) if row[key] else None) == expected.get(key)
     assert rows[0]["accuracy"] == "" and rows[1]["accuracy"] != ""
+
+
+def test_tensor_and_numpy_scalars_are_written_as_numbers(tmp_path):
+    import numpy as np
+    import torch
+
+    metrics = [{"a": torch.tensor(0.5), "b": np.float32(0.25), "c": "text", "d": None}]
+    run_rounds([CSVLoggerCallback()], metrics, trainer=FakeTrainer(run_dir=tmp_path))
+    assert read(tmp_path / "metrics.csv")[1] == [{"round": "1", "a": "0.5", "b": "0.25",
+                                                  "c": "text", "d": ""}]

@@ -54,7 +54,8 @@ def check_float(
         low = "" if minimum is None else f"{'>' if exclusive else '>='} {minimum}"
         high = "" if maximum is None else f"{'<' if maximum_exclusive else '<='} {maximum}"
         bounds = " and ".join(part for part in (low, high) if part)
-        raise ConfigError(f"{owner}: {name} must be a finite number {bounds}; got {value!r}".rstrip())
+        wanted = f"a finite number {bounds}" if bounds else "a finite number"
+        raise ConfigError(f"{owner}: {name} must be {wanted}; got {value!r}")
     return float(value)
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oiafed.callbacks._helpers import resolve_path
+from oiafed.callbacks._helpers import as_number, resolve_path
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.io import atomic_write_text
@@ -84,7 +84,7 @@ class CSVLoggerCallback(Callback):
     async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
         """Append this round's row (rewriting the header first if a metric is new)."""
         path = self._prepare(trainer)
-        row = {"round": round_num, **{str(k): v for k, v in result.metrics.items()}}
+        row = {"round": round_num, **{str(k): _cell(v) for k, v in result.metrics.items()}}
         new = [key for key in row if key not in self.columns]
         if new:
             rows = self._read()
@@ -127,3 +127,11 @@ def _round_of(row: dict[str, str]) -> float:
         return float(row.get("round") or "inf")
     except ValueError:
         return float("inf")
+
+
+def _cell(value: Any) -> Any:
+    """Plain numbers and text as they are; numpy or tensor scalars as floats; else ``str``."""
+    if value is None or isinstance(value, str | int | float):
+        return value
+    number = as_number(value)
+    return number if number is not None else str(value)
