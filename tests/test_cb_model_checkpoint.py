@@ -13,7 +13,7 @@ import torch
 import oiafed
 from oiafed import Callback, ConfigError, registry
 from oiafed.callbacks import ModelCheckpointCallback
-from oiafed.callbacks import model_checkpoint as module
+from oiafed.io import atomic_torch_save
 from oiafed.testing import FakeTrainer, make_round_result, run_rounds
 from support import tiny_config
 
@@ -178,8 +178,8 @@ def test_an_interrupted_write_leaves_the_previous_good_file(tmp_path, breaker, h
 
 def test_atomic_torch_save_replaces_in_one_step(tmp_path):
     target = tmp_path / "deep" / "x.pt"
-    module.atomic_torch_save({"a": torch.arange(3)}, target)
-    module.atomic_torch_save({"a": torch.arange(4)}, target)
+    atomic_torch_save({"a": torch.arange(3)}, target)
+    atomic_torch_save({"a": torch.arange(4)}, target)
     assert torch.equal(load(target)["a"], torch.arange(4))
     assert files(target.parent) == ["x.pt"]
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from oiafed.callbacks._helpers import (
     MODES,
@@ -22,6 +19,7 @@ from oiafed.callbacks._helpers import (
 )
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
+from oiafed.io import atomic_torch_save
 from oiafed.registry import register
 
 logger = logging.getLogger(__name__)
@@ -34,42 +32,6 @@ LAST = "last.pt"
 def periodic_name(round_num: int) -> str:
     """The file name of the periodic checkpoint of ``round_num`` (``round_0010.pt``)."""
     return f"round_{round_num:04d}.pt"
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is never half-written.
-
-    The data goes to a temp file in the same folder, is flushed to disk (``fsync``) and then
-    renamed over ``path`` (``os.replace``, atomic on POSIX and Windows). If anything fails,
-    the temp file is removed and whatever ``path`` held before is left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @register("callback.model_checkpoint")
