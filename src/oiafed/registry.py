@@ -68,6 +68,8 @@ def register(full_name: str) -> Callable[[T], T]:
             ) and getattr(previous, "__module__", None) == getattr(obj, "__module__", None)
             log = logger.debug if same_origin else logger.warning
             log("registry: %s now refers to %r (was %r)", full_name, obj, previous)
+            if _name_by_obj.get(previous) == full_name:
+                del _name_by_obj[previous]  # the old object no longer has this name
         _by_name[full_name] = obj
         _name_by_obj[obj] = full_name
         return obj
