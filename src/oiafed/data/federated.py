@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from oiafed import registry
 from oiafed.data.arrays import ArrayDataset
@@ -69,6 +68,8 @@ class FederatedData:
 
 def build_federated_data(data_cfg: Any, seed: int) -> FederatedData:
     """Load the configured dataset, split off the test set, and partition the rest."""
+    from sklearn.model_selection import train_test_split  # heavy: imported on first use
+
     pool = registry.build("dataset", {"type": data_cfg.type, "args": data_cfg.args}, "data",
                           seed=seed)
     labels = pool.y.numpy()
