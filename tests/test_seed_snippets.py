@@ -15,6 +15,8 @@ import yaml
 
 import oiafed
 from oiafed import Callback, CallbackManager, RoundResult, register, registry
+from oiafed.callbacks.base import callback_label
+from oiafed.run import Experiment
 from support import RegistrySnapshot, tiny_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "callbacks.zh.md"
@@ -180,3 +182,33 @@ def test_exception_handling_practice_keeps_training_going(tmp_path, caplog):
         result = oiafed.run(tiny_config(), run_dir=tmp_path / "run", callbacks=[External()])
     assert result.rounds_completed == 3 and result.callback_errors == []
     assert sum("Callback failed: service down" in r.getMessage() for r in caplog.records) == 3
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_configuration_reference_runs_verbatim_as_examples_callbacks_yaml(tmp_path):
+    (reference,) = [b for b in blocks("yaml") if "tensorboard" in b]
+    example = yaml.safe_load((EXAMPLES / "callbacks.yaml").read_text(encoding="utf-8"))
+    assert reference in (EXAMPLES / "callbacks.yaml").read_text(encoding="utf-8")
+    assert example["callbacks"] == yaml.safe_load(reference)["callbacks"]
+
+    result = oiafed.run(EXAMPLES / "callbacks.yaml", run_dir=tmp_path / "run",
+                        overrides=["trainer.args.rounds=3"])
+    assert result.rounds_completed == 3
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert any((tmp_path / "run" / "runs").glob("events.out.tfevents.*"))
+    rates = [row["lr"] for row in result.history]
+    assert rates[0] == 0.1 and rates[0] > rates[1] > rates[2]
+
+
+def test_callbacks_run_in_config_order(tmp_path):
+    (order_block,) = [b for b in blocks("yaml") if "# 先执行" in b]
+    config = oiafed.load_config(tiny_config(**yaml.safe_load(order_block)))
+    manager = Experiment.build(config).callbacks
+    assert [callback_label(cb) for cb in manager.callbacks] == ["early_stopping",
+                                                                 "model_checkpoint"]
+    result = oiafed.run(config, run_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert result.rounds_completed == 3
