@@ -88,6 +88,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_yaml(folder / "unknown_key.yaml", {**TINY, "epochs": 3})
     write_yaml(folder / "unknown_type.yaml", {**TINY, "aggregator": {"type": "fedavgg"}})
     write_yaml(folder / "bad_value.yaml", {**TINY, "data": {**TINY["data"], "num_clients": 0}})
+    write_yaml(folder / "bad_arg_value.yaml", {**TINY, "trainer": {"args": {"rounds": 0}}})
+    write_yaml(folder / "broken_import.yaml", {**TINY, "imports": ["cli_broken_module"]})
+    (folder / "cli_broken_module.py").write_text("def broken(:\n", encoding="utf-8")
     write_yaml(folder / "failing.yaml", {**TINY, "strict": True, "imports": ["cli_failing_callbacks"],
                                          "callbacks": [{"type": "explode_test"}]})
     (folder / "cli_failing_callbacks.py").write_text(textwrap.dedent(FAILING_MODULE), encoding="utf-8")
@@ -118,6 +121,8 @@ COMMANDS = {
     "validate_unknown_key": ["validate", "unknown_key.yaml"],
     "validate_bad_value": ["validate", "bad_value.yaml"],
     "validate_missing_file": ["validate", "missing.yaml"],
+    "validate_bad_arg_value": ["validate", "bad_arg_value.yaml"],
+    "validate_broken_import": ["validate", "broken_import.yaml"],
     "list": ["list"],
     "list_callback": ["list", "callback"],
 }
@@ -207,6 +212,8 @@ def test_failure_at_run_time_exits_1(outcomes: dict[str, Outcome]) -> None:
     ("validate_unknown_key", "epochs: unknown key"),
     ("validate_bad_value", "data.num_clients: Input should be greater than or equal to 1"),
     ("validate_missing_file", "cannot read config file missing.yaml"),
+    ("validate_bad_arg_value", "trainer.args: rounds must be >= 1, got 0"),
+    ("validate_broken_import", "imports[0]: cannot import module 'cli_broken_module': SyntaxError"),
 ])
 def test_bad_input_exits_2_with_a_message(workdir: Path, outcomes: dict[str, Outcome], name: str,
                                           message: str) -> None:

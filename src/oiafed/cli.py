@@ -12,9 +12,8 @@ from rich.logging import RichHandler
 
 from oiafed import registry
 from oiafed.callbacks.progress import ProgressCallback, format_metrics
-from oiafed.config import load_config
 from oiafed.exceptions import InputError
-from oiafed.run import run
+from oiafed.run import run, validate
 
 logger = logging.getLogger("oiafed")
 
@@ -64,7 +63,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
 
 
 def _validate(args: argparse.Namespace, console: Console) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = validate(args.config, args.overrides)
     console.print(f"{args.config}: valid ({cfg.name}, {cfg.data.num_clients} clients, "
                   f"{len(cfg.callbacks)} callbacks)", highlight=False, soft_wrap=True)
 

@@ -92,8 +92,9 @@ def import_modules(modules: list[str], path: str = "imports") -> None:
     for i, module in enumerate(modules):
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import module {module!r}: {exc}", f"{path}[{i}]") from exc
+        except Exception as exc:  # a user module may fail in any way; report which one
+            raise ConfigError(f"cannot import module {module!r}: {type(exc).__name__}: {exc}",
+                              f"{path}[{i}]") from exc
 
 
 def names(kind: str | None = None) -> list[str]:

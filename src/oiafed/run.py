@@ -68,6 +68,19 @@ class Experiment:
         return cls(cfg, data, trainer, manager)
 
 
+def validate(
+    config: str | Path | dict[str, Any] | ExperimentConfig,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Check a config as far as can be done without data: the schema, every component's
+    arguments, and the values their constructors check (nothing is written or trained)."""
+    cfg = load_config(config, overrides)
+    for kind, path, section in cfg.sections():
+        if kind not in ("dataset", "model"):
+            registry.build(kind, {"type": section.type, "args": section.args}, path)
+    return cfg
+
+
 def run(
     config: str | Path | dict[str, Any] | ExperimentConfig | None,
     *,
