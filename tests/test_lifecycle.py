@@ -288,3 +288,42 @@ def test_fraction_samples_that_share_of_clients(tmp_path):
                          trainer={"args": {"rounds": 2, "fraction": 0.3}})
     result = oiafed.run(config, run_dir=tmp_path / "run", callbacks=[seen])
     assert [row["num_clients"] for row in result.history] == [3, 3]
+
+
+def test_bad_updates_are_rejected_logged_and_left_out(tmp_path, caplog, clean_registry):
+    from oiafed import Learner, register
+
+    @register("learner.poisoned")
+    class Poisoned(Learner):
+        async def fit(self, client_id, weights, data, **kwargs):
+            update = await super().fit(client_id, weights, data, **kwargs)
+            if client_id == "client_1":
+                update.weights = {k: torch.full_like(v, float("nan"))
+                                  for k, v in update.weights.items()}
+            if client_id == "client_2":
+                update.weights["extra"] = torch.zeros(1)
+            return update
+
+    config = tiny_config(learner={"type": "poisoned", "args": {"lr": 0.05}})
+    with caplog.at_level(logging.WARNING, logger="oiafed"):
+        result = oiafed.run(config, run_dir=tmp_path / "run")
+    assert [row["num_clients"] for row in result.history] == [2, 2, 2]
+    assert all(torch.isfinite(v).all() for v in result.weights.values())
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("client_1: 1.bias holds non-finite values" in m or
+               ("client_1" in m and "non-finite" in m) for m in messages)
+    assert any("client_2" in m and "unknown keys ['extra']" in m for m in messages)
+
+
+def test_a_round_without_any_usable_update_fails_clearly(tmp_path, clean_registry):
+    from oiafed import Learner, OiafedError, register
+
+    @register("learner.all_nan")
+    class AllNan(Learner):
+        async def fit(self, client_id, weights, data, **kwargs):
+            update = await super().fit(client_id, weights, data, **kwargs)
+            update.weights = {k: v * float("inf") for k, v in update.weights.items()}
+            return update
+
+    with pytest.raises(OiafedError, match="round 1: no usable client update"):
+        oiafed.run(tiny_config(learner={"type": "all_nan"}), run_dir=tmp_path / "run")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
 
 from oiafed import registry
 from oiafed.callbacks.base import CallbackManager
@@ -22,8 +19,8 @@ from oiafed.data.federated import FederatedData, build_federated_data
 from oiafed.exceptions import InputError
 from oiafed.run_folder import CONFIG as CONFIG_FILE
 from oiafed.run_folder import RunFolder
-from oiafed.runtime.serial import SerialRuntime
-from oiafed.seeding import INIT, derive_seed
+from oiafed.runtime import create_runtime
+from oiafed.runtime.worker import ClientWorker, build_callbacks, build_model
 from oiafed.state import load_state, restore_rng
 
 logger = logging.getLogger(__name__)
@@ -42,23 +39,16 @@ class Experiment:
     @classmethod
     def build(cls, cfg: ExperimentConfig, extra_callbacks: list[Any] | None = None) -> Experiment:
         data = build_federated_data(cfg.data, cfg.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, INIT))
-            model = registry.build("model", cfg.model.model_dump(), "model",
-                                   input_shape=data.input_shape, num_classes=data.num_classes)
-        callbacks = [
-            registry.build("callback", section.model_dump(), f"callbacks[{i}]")
-            for i, section in enumerate(cfg.callbacks)
-        ]
-        manager = CallbackManager([*callbacks, *(extra_callbacks or [])], strict=cfg.strict)
-        learner = registry.build("learner", cfg.learner.model_dump(), "learner")
-        learner.setup(copy.deepcopy(model), manager)
+        model = build_model(cfg, data)
+        manager = CallbackManager([*build_callbacks(cfg), *(extra_callbacks or [])],
+                                  strict=cfg.strict)
+        worker = ClientWorker.from_config(cfg, callbacks=manager, data=data, model=model)
         trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
-        trainer.fit_config["lr"] = learner.lr
+        trainer.fit_config["lr"] = worker.learner.lr
         trainer.bind(
             model=model,
             aggregator=registry.build("aggregator", cfg.aggregator.model_dump(), "aggregator"),
-            runtime=SerialRuntime(learner, data, cfg.seed),
+            runtime=create_runtime(cfg, worker),
             callbacks=manager,
             test_data=data.test,
             client_ids=data.client_ids,

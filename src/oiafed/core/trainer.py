@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -14,18 +15,25 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.core.aggregators import Aggregator
 from oiafed.core.evaluation import evaluate
 from oiafed.core.types import ClientUpdate, RoundResult, TrainResult, Weights
+from oiafed.core.validation import update_problem
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError, OiafedError
 from oiafed.registry import register
 from oiafed.seeding import SAMPLING, rng
 
+logger = logging.getLogger(__name__)
+
 
 class Runtime(Protocol):
     """Where learners train: the only thing that differs between runtimes."""
 
+    async def start(self) -> None: ...
+
     async def train(
         self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
     ) -> list[ClientUpdate]: ...
+
+    async def close(self) -> None: ...
 
 
 class RoundRecorder(Protocol):
@@ -141,9 +149,13 @@ class Trainer:
     async def fit(self) -> TrainResult:
         """Run every round (or until ``should_stop``); return the ``TrainResult``."""
         started = time.perf_counter()
-        await self.callbacks.on_train_start(self)
-        while self.round_num < self.rounds and not self.should_stop:
-            await self.run_round(self.round_num + 1)
+        await self.runtime.start()
+        try:
+            await self.callbacks.on_train_start(self)
+            while self.round_num < self.rounds and not self.should_stop:
+                await self.run_round(self.round_num + 1)
+        finally:
+            await self.runtime.close()
         result = TrainResult(
             rounds_completed=self.round_num,
             history=self.history,
@@ -164,8 +176,8 @@ class Trainer:
         await self.callbacks.on_round_start(self, round_num)
         selected = self.select_clients(round_num)
         global_weights = self.model.state_dict()
-        updates = await self.runtime.train(round_num, selected, global_weights,
-                                           dict(self.fit_config))
+        updates = self.accept(round_num, await self.runtime.train(
+            round_num, selected, global_weights, dict(self.fit_config)), global_weights)
         await self.callbacks.on_aggregate_start(self, updates)
         weights = self.aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
@@ -181,6 +193,27 @@ class Trainer:
         if self.recorder is not None:
             self.recorder.record_round(self, row)
         return result
+
+    def accept(self, round_num: int, updates: list[ClientUpdate], reference: Weights
+               ) -> list[ClientUpdate]:
+        """The updates fit to aggregate; the others are logged and left out.
+
+        Raises:
+            OiafedError: when no update of the round can be used.
+        """
+        accepted, rejected = [], []
+        for update in updates:
+            problem = update_problem(update, reference)
+            if problem is None:
+                accepted.append(update)
+            else:
+                rejected.append(f"{update.client_id}: {problem}")
+                logger.warning("round %d: rejected the update of %s: %s", round_num,
+                               update.client_id, problem)
+        if not accepted:
+            raise OiafedError(f"round {round_num}: no usable client update "
+                              f"({'; '.join(rejected) or 'no client answered'})")
+        return accepted
 
     def select_clients(self, round_num: int) -> list[str]:
         """This round's clients, drawn without replacement from the round's own seed."""

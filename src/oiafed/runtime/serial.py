@@ -4,28 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from oiafed.core.learner import Learner
 from oiafed.core.types import ClientUpdate, Weights
-from oiafed.data.federated import FederatedData
-from oiafed.seeding import TRAIN, derive_seed
+from oiafed.runtime.worker import ClientWorker
 
 
 class SerialRuntime:
-    """Trains the sampled clients one after another with one shared ``Learner``."""
+    """Trains the sampled clients one after another with one in-process ``ClientWorker``.
 
-    def __init__(self, learner: Learner, data: FederatedData, seed: int) -> None:
-        self.learner = learner
-        self.data = data
-        self.seed = seed
+    Learner hooks run on the same callback instances as the trainer's.
+    """
+
+    def __init__(self, worker: ClientWorker) -> None:
+        self.worker = worker
+
+    async def start(self) -> None:
+        """Nothing to start."""
 
     async def train(
         self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
     ) -> list[ClientUpdate]:
-        updates = []
-        for cid in client_ids:
-            seed = derive_seed(self.seed, TRAIN, round_num, self.data.index_of(cid))
-            updates.append(await self.learner.fit(
-                cid, weights, self.data.client_data(cid),
-                round_num=round_num, seed=seed, config=config,
-            ))
-        return updates
+        return [await self.worker.train(cid, weights, round_num, config) for cid in client_ids]
+
+    async def close(self) -> None:
+        """Nothing to stop."""
