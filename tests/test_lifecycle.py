@@ -325,5 +325,5 @@ def test_a_round_without_any_usable_update_fails_clearly(tmp_path, clean_registr
             update.weights = {k: v * float("inf") for k, v in update.weights.items()}
             return update
 
-    with pytest.raises(OiafedError, match="round 1: no usable client update"):
+    with pytest.raises(OiafedError, match="round 1: 0 usable client update"):
         oiafed.run(tiny_config(learner={"type": "all_nan"}), run_dir=tmp_path / "run")

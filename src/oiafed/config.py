@@ -54,9 +54,19 @@ class DataConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
-    mode: Literal["serial"] = "serial"
+    """Where learners train. Fields a mode does not use are ignored by it."""
+
+    mode: Literal["serial", "parallel", "ray", "grpc"] = "serial"
     checkpoint_every: int = Field(1, ge=0)
     """Save the resumable run state every this many rounds (0: never)."""
+    workers: int | None = Field(None, ge=1)
+    """parallel: worker processes (default: the CPU count); ray: actors (default: cluster CPUs)."""
+    threads: int | None = Field(None, ge=1)
+    """Torch threads in each worker process (default 1)."""
+    address: str | None = None
+    """ray: ``auto`` or ``HOST:PORT`` of a cluster (default: a local one); grpc: ``HOST:PORT``."""
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    """ray: CPUs reserved by each actor."""
 
 
 class ExperimentConfig(_Strict):

@@ -22,6 +22,8 @@ HOOKS = (
     "on_epoch_end",
     "on_aggregate_start",
     "on_aggregate_end",
+    "on_client_failure",
+    "on_client_join",
 )
 
 
@@ -55,6 +57,13 @@ class Callback(ABC):  # noqa: B024 - the seed makes it an ABC whose hooks are al
 
     async def on_aggregate_end(self, trainer: Any, weights: dict, **kwargs: Any) -> None:
         """Called with the new global weights after aggregation."""
+
+    async def on_client_failure(self, trainer: Any, client_id: str, error: str,
+                                **kwargs: Any) -> None:
+        """Called when a sampled client gives no usable update (it is left out of the round)."""
+
+    async def on_client_join(self, trainer: Any, client_id: str, **kwargs: Any) -> None:
+        """Called when a client process joins (or rejoins) a deployed federation."""
 
     @property
     def state_key(self) -> str:
@@ -206,3 +215,10 @@ class CallbackManager:
 
     async def on_aggregate_end(self, trainer: Any, weights: dict, **kwargs: Any) -> None:
         await self.call("on_aggregate_end", trainer, weights, **kwargs)
+
+    async def on_client_failure(self, trainer: Any, client_id: str, error: str,
+                                **kwargs: Any) -> None:
+        await self.call("on_client_failure", trainer, client_id, error, **kwargs)
+
+    async def on_client_join(self, trainer: Any, client_id: str, **kwargs: Any) -> None:
+        await self.call("on_client_join", trainer, client_id, **kwargs)

@@ -14,7 +14,7 @@ from torch import nn
 from oiafed.callbacks.base import CallbackManager
 from oiafed.core.aggregators import Aggregator
 from oiafed.core.evaluation import evaluate
-from oiafed.core.types import ClientUpdate, RoundResult, TrainResult, Weights
+from oiafed.core.types import ClientFailure, ClientUpdate, RoundResult, TrainResult, Weights
 from oiafed.core.validation import update_problem
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError, OiafedError
@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 class Runtime(Protocol):
     """Where learners train: the only thing that differs between runtimes."""
 
-    async def start(self) -> None: ...
+    async def start(self, trainer: Trainer) -> None: ...
 
     async def train(
         self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
-    ) -> list[ClientUpdate]: ...
+    ) -> list[ClientUpdate | ClientFailure]: ...
 
     async def close(self) -> None: ...
 
@@ -40,6 +40,10 @@ class RoundRecorder(Protocol):
     """Receives each round's history row as soon as the round ends (the run folder)."""
 
     def record_round(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+
+
+class RoundFailed(OiafedError):
+    """A round ended with fewer usable updates than the quorum (``min_clients``)."""
 
 
 class SelectionError(OiafedError):
@@ -68,6 +72,9 @@ class Trainer:
         clients_per_round: clients sampled per round (default: all); or
         fraction: the fraction of clients sampled per round (at least one).
         eval_every: evaluate the global model every this many rounds (and at the last round).
+        min_clients: the quorum: a round with fewer usable updates fails the run.
+        round_timeout: seconds a runtime waits for a round's clients before it gives up on
+            the missing ones (None: no limit; runtimes with remote clients read it).
 
     YAML:
         trainer:
@@ -81,6 +88,8 @@ class Trainer:
         clients_per_round: int | None = None,
         fraction: float | None = None,
         eval_every: int = 1,
+        min_clients: int = 1,
+        round_timeout: float | None = None,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -92,10 +101,16 @@ class Trainer:
             raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
         if eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1, got {eval_every}")
+        if min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        if round_timeout is not None and round_timeout <= 0:
+            raise ConfigError(f"round_timeout must be > 0 seconds, got {round_timeout}")
         self.rounds = rounds
         self.clients_per_round = clients_per_round
         self.fraction = fraction
         self.eval_every = eval_every
+        self.min_clients = min_clients
+        self.round_timeout = round_timeout
         self.round_num = 0
         self.should_stop = False
         self.stopped_by: str | None = None
@@ -149,7 +164,7 @@ class Trainer:
     async def fit(self) -> TrainResult:
         """Run every round (or until ``should_stop``); return the ``TrainResult``."""
         started = time.perf_counter()
-        await self.runtime.start()
+        await self.runtime.start(self)
         try:
             await self.callbacks.on_train_start(self)
             while self.round_num < self.rounds and not self.should_stop:
@@ -176,8 +191,9 @@ class Trainer:
         await self.callbacks.on_round_start(self, round_num)
         selected = self.select_clients(round_num)
         global_weights = self.model.state_dict()
-        updates = self.accept(round_num, await self.runtime.train(
-            round_num, selected, global_weights, dict(self.fit_config)), global_weights)
+        outcomes = await self.runtime.train(round_num, selected, global_weights,
+                                            dict(self.fit_config))
+        updates = await self.accept(round_num, outcomes, global_weights)
         await self.callbacks.on_aggregate_start(self, updates)
         weights = self.aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
@@ -194,25 +210,31 @@ class Trainer:
             self.recorder.record_round(self, row)
         return result
 
-    def accept(self, round_num: int, updates: list[ClientUpdate], reference: Weights
-               ) -> list[ClientUpdate]:
-        """The updates fit to aggregate; the others are logged and left out.
+    async def accept(self, round_num: int, outcomes: list[ClientUpdate | ClientFailure],
+                     reference: Weights) -> list[ClientUpdate]:
+        """The updates fit to aggregate. Failed clients and bad updates are logged, reported
+        to ``on_client_failure`` and left out.
 
         Raises:
-            OiafedError: when no update of the round can be used.
+            RoundFailed: when fewer than ``min_clients`` usable updates remain.
         """
         accepted, rejected = [], []
-        for update in updates:
-            problem = update_problem(update, reference)
-            if problem is None:
-                accepted.append(update)
+        for outcome in outcomes:
+            if isinstance(outcome, ClientFailure):
+                problem = outcome.error
             else:
-                rejected.append(f"{update.client_id}: {problem}")
-                logger.warning("round %d: rejected the update of %s: %s", round_num,
-                               update.client_id, problem)
-        if not accepted:
-            raise OiafedError(f"round {round_num}: no usable client update "
-                              f"({'; '.join(rejected) or 'no client answered'})")
+                problem = update_problem(outcome, reference)
+            if problem is None:
+                accepted.append(outcome)
+                continue
+            rejected.append(f"{outcome.client_id}: {problem}")
+            logger.warning("round %d: left out %s: %s", round_num, outcome.client_id, problem)
+            await self.callbacks.on_client_failure(self, outcome.client_id, problem)
+        if len(accepted) < self.min_clients:
+            raise RoundFailed(
+                f"round {round_num}: {len(accepted)} usable client update(s), fewer than "
+                f"min_clients={self.min_clients} ({'; '.join(rejected) or 'no client answered'})"
+            )
         return accepted
 
     def select_clients(self, round_num: int) -> list[str]:

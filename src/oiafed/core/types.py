@@ -31,6 +31,18 @@ class ClientUpdate:
 
 
 @dataclass
+class ClientFailure:
+    """A sampled client that gave no update this round (crashed, hung, disconnected).
+
+    Runtimes return it in place of the client's ``ClientUpdate``; the trainer fires
+    ``on_client_failure`` and leaves the client out of the round.
+    """
+
+    client_id: str
+    error: str
+
+
+@dataclass
 class RoundResult:
     """One round's outcome, given to ``on_round_end``.
 

@@ -17,7 +17,7 @@ class SerialRuntime:
     def __init__(self, worker: ClientWorker) -> None:
         self.worker = worker
 
-    async def start(self) -> None:
+    async def start(self, trainer: Any) -> None:
         """Nothing to start."""
 
     async def train(
