@@ -113,7 +113,8 @@ def run(
     logger.info("run folder: %s", folder.path)
     result = run_coroutine(trainer.fit())
     result.run_dir = folder.path
-    folder.save_state(trainer)
+    if not folder.saved_round(trainer.round_num):
+        folder.save_state(trainer)
     folder.write_summary(result)
     return result
 

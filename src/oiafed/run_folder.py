@@ -30,6 +30,7 @@ class RunFolder:
     def __init__(self, path: Path, checkpoint_every: int = 1) -> None:
         self.path = path
         self.checkpoint_every = checkpoint_every
+        self._saved_round: int | None = None
 
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_every: int = 1) -> RunFolder:
@@ -77,6 +78,11 @@ class RunFolder:
         """Write the resumable state of ``trainer`` (atomically)."""
         if self.checkpoint_every:
             save_state(self.path, trainer.state_dict())
+            self._saved_round = trainer.round_num
+
+    def saved_round(self, round_num: int) -> bool:
+        """Whether the state after ``round_num`` is already on disk."""
+        return self._saved_round == round_num
 
     def keep_metrics_until(self, round_num: int) -> None:
         """Drop ``metrics.jsonl`` rows after ``round_num`` (rounds a resumed run redoes)."""

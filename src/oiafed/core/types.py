@@ -74,11 +74,11 @@ class TrainResult:
     """
 
     rounds_completed: int
-    history: list[dict[str, float]]
+    history: list[dict[str, float]] = field(repr=False)
     stop_reason: str
     stopped_by: str | None
     callback_errors: list[dict[str, Any]]
-    weights: Weights
+    weights: Weights = field(repr=False)
     run_dir: Path | None = None
     wall_time: float = 0.0
 
