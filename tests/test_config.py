@@ -45,7 +45,7 @@ def test_empty_config_is_valid_with_documented_defaults() -> None:
 def test_resolved_config_written_as_yaml_loads_back_the_same() -> None:
     cfg = load_config({
         "name": "round-trip", "seed": 7,
-        "data": {"type": "synthetic", "args": {"num_samples": 100}, "num_clients": 4,
+        "data": {"type": "digits", "args": {"flatten": True}, "num_clients": 4,
                  "partition": {"type": "dirichlet", "args": {"alpha": 0.3}}},
         "model": {"type": "mlp", "args": {"hidden": [16, 8]}},
         "trainer": {"args": {"rounds": 2}},

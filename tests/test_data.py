@@ -1,8 +1,10 @@
-"""Built-in datasets: digits, synthetic, and the MNIST IDX loader (real files and broken ones)."""
+"""Built-in datasets: digits, LEAF synthetic (on demand), and the MNIST IDX loader (real files
+and broken ones)."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from oiafed import registry
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.datasets import digits, mnist, synthetic
+from oiafed.data.federated import ClientIds, FederatedSource
 from oiafed.exceptions import ConfigError
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
@@ -43,39 +46,180 @@ def test_digits_flatten_gives_64_features_of_the_same_images() -> None:
     assert torch.equal(flat.y, images.y)
 
 
-# -- synthetic ----------------------------------------------------------------------------------
+# -- synthetic (LEAF Synthetic(alpha, beta), generated per client) ------------------------------
 
 
-def test_synthetic_shape_and_classes() -> None:
-    data = synthetic(seed=0, num_samples=300, num_features=7, num_classes=4)
-    assert data.x.shape == (300, 7)
-    assert data.x.dtype == torch.float32
-    assert data.num_classes == 4
-    assert set(data.y.tolist()) == {0, 1, 2, 3}
+def test_synthetic_is_an_on_demand_source_with_the_requested_shapes() -> None:
+    source = synthetic(seed=0, num_clients=20, samples_per_client=30, num_features=7,
+                       num_classes=4)
+    assert isinstance(source, FederatedSource)
+    assert (source.num_clients, source.num_classes, source.input_shape) == (20, 4, (7,))
+    assert list(source.client_ids) == [f"client_{i}" for i in range(20)]
+    local = source.client_data("client_3")
+    assert isinstance(local, ArrayDataset)
+    assert local.x.shape == (24, 7)  # 30 generated, round(0.2 x 30) = 6 held out
+    assert local.x.dtype == torch.float32 and local.y.dtype == torch.int64
+    assert set(local.y.tolist()) <= {0, 1, 2, 3}
+    assert source.test.x.shape == (20 * 6, 7)  # every client's held-out part (20 <= 100)
+    assert sum(source.test.label_counts()) == 120
 
 
-def test_synthetic_is_deterministic_per_seed() -> None:
-    a, b = synthetic(seed=3, num_samples=200), synthetic(seed=3, num_samples=200)
-    c = synthetic(seed=4, num_samples=200)
-    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
-    assert not torch.equal(a.x, c.x)
+def test_synthetic_shape_gives_image_samples() -> None:
+    source = synthetic(seed=0, num_clients=3, num_features=64, shape=[1, 8, 8])
+    assert source.input_shape == (1, 8, 8)
+    assert source.client_data("client_1").x.shape == (40, 1, 8, 8)
+    flat = synthetic(seed=0, num_clients=3, num_features=64)
+    assert torch.equal(flat.client_data("client_1").x,
+                       source.client_data("client_1").x.reshape(40, 64))
 
 
-def test_synthetic_noise_controls_class_separation() -> None:
-    def centre_spread(noise: float) -> float:
-        data = synthetic(seed=1, num_samples=1000, num_features=5, num_classes=3, noise=noise)
-        spread = [data.x[data.y == c].std(dim=0).mean() for c in range(3)]
-        return float(np.mean(spread))
+def test_synthetic_client_data_depends_only_on_seed_and_client() -> None:
+    forward = synthetic(seed=3, num_clients=1000, cache_clients=0)
+    wanted = forward.client_data("client_500")
+    other = synthetic(seed=3, num_clients=1000, cache_clients=2)
+    for i in (499, 1, 999, 2, 501):  # other clients first, in another order, through a cache
+        other.client_data(f"client_{i}")
+    again = other.client_data("client_500")
+    assert torch.equal(wanted.x, again.x) and torch.equal(wanted.y, again.y)
+    # The federation's size does not matter either, only (seed, client index).
+    small = synthetic(seed=3, num_clients=501)
+    assert torch.equal(small.client_data("client_500").x, wanted.x)
+    assert not torch.equal(synthetic(seed=4, num_clients=1000).client_data("client_500").x,
+                           wanted.x)
+    assert not torch.equal(forward.client_data("client_501").x, wanted.x)
 
-    assert centre_spread(0.1) == pytest.approx(0.1, rel=0.15)
-    assert centre_spread(2.0) == pytest.approx(2.0, rel=0.15)
+
+def test_synthetic_inputs_have_the_leaf_covariance_and_beta_moves_client_means() -> None:
+    # x ~ N(v_k, diag(j^-1.2)): each feature's variance within one client.
+    source = synthetic(seed=1, num_clients=2, samples_per_client=20000, num_features=8)
+    x, _ = source.generate(0)
+    expected = np.arange(1, 9) ** -1.2
+    assert np.allclose(x.var(axis=0), expected, rtol=0.05)
+
+    # v_k ~ N(B_k, 1), B_k ~ N(0, beta): a client's mean feature value spreads with beta.
+    def spread(beta: float) -> float:
+        fed = synthetic(seed=2, num_clients=400, samples_per_client=20, num_features=60,
+                        beta=beta)
+        return float(np.std([fed.generate(k)[0].mean() for k in range(400)]))
+
+    # std of mean_j(v_kj) is sqrt(beta^2 + 1/60), plus sampling noise of the x draws.
+    assert spread(0.0) == pytest.approx((1 / 60) ** 0.5, rel=0.2)
+    assert spread(2.0) == pytest.approx((4 + 1 / 60) ** 0.5, rel=0.15)
+
+
+def test_synthetic_labels_are_a_linear_function_of_the_inputs_per_client() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    source = synthetic(seed=5, num_clients=3, samples_per_client=300, num_features=10,
+                       num_classes=3, beta=0.0)
+    for k in range(3):
+        x, y = source.generate(k)
+        if len(set(y.tolist())) < 2:
+            continue
+        fit = LogisticRegression(C=1e6, max_iter=5000).fit(x, y)
+        assert fit.score(x, y) >= 0.99  # argmax(W_k x + b_k): linearly separable
+
+
+def test_synthetic_alpha_shifts_every_logit_alike() -> None:
+    # u_k ~ N(0, alpha) enters W_k and b_k for every class alike: same draws, same labels.
+    calm = synthetic(seed=7, num_clients=30, alpha=0.0)
+    wild = synthetic(seed=7, num_clients=30, alpha=3.0)
+    same = total = 0
+    for k in range(30):
+        (xa, ya), (xb, yb) = calm.generate(k), wild.generate(k)
+        assert np.array_equal(xa, xb)
+        same += int((ya == yb).sum())
+        total += len(ya)
+    assert same / total > 0.99  # float32 rounding may flip a near tie
+
+
+def test_synthetic_clients_are_label_skewed() -> None:
+    source = synthetic(seed=0, num_clients=200, samples_per_client=100)
+    overall = np.zeros(10)
+    mixes = []
+    for k in range(200):
+        counts = np.bincount(source.generate(k)[1], minlength=10)
+        overall += counts
+        mixes.append(counts / counts.sum())
+    overall /= overall.sum()
+    distance = np.mean([0.5 * np.abs(mix - overall).sum() for mix in mixes])
+    assert distance > 0.5, distance  # most of a client's labels are one or two classes
+
+
+def test_synthetic_lognormal_sizes_are_bounded_and_deterministic() -> None:
+    args = {"samples_per_client": 10, "size_lognormal": [3.0, 1.5], "max_samples_per_client": 400}
+    source = synthetic(seed=0, num_clients=300, **args)
+    sizes = [len(source.generate(k)[1]) for k in range(300)]
+    assert min(sizes) >= 10 and max(sizes) == 400 and len(set(sizes)) > 50
+    again = synthetic(seed=0, num_clients=300, **args)
+    assert [len(again.generate(k)[1]) for k in range(300)] == sizes
+    assert len(source.client_data("client_7")) == sizes[7] - round(0.2 * sizes[7])
+
+
+def test_synthetic_keeps_a_bounded_cache() -> None:
+    source = synthetic(seed=0, num_clients=1000, test_clients=4, cache_clients=3)
+    assert source.generated == 4 and source.num_cached() == 0  # the test set's clients
+    first = source.client_data("client_10")
+    assert source.client_data("client_10") is first and source.generated == 5
+    for i in range(20, 30):
+        source.client_data(f"client_{i}")
+    assert source.num_cached() == 3 and source.generated == 15
+    assert source.client_data("client_10") is not first  # evicted, generated again
+    assert torch.equal(source.client_data("client_10").x, first.x)
+    uncached = synthetic(seed=0, num_clients=10, cache_clients=0)
+    uncached.client_data("client_1")
+    assert uncached.num_cached() == 0
+
+
+def test_synthetic_test_set_is_the_held_out_data_of_spread_clients() -> None:
+    source = synthetic(seed=0, num_clients=100_000, test_clients=5, samples_per_client=50)
+    assert source.test_indices.tolist() == [0, 25000, 50000, 74999, 99999]
+    assert len(source.test) == 5 * 10
+    for slot, k in enumerate(source.test_indices.tolist()):
+        x, y = source.generate(k)
+        assert torch.equal(source.test.x[slot * 10:(slot + 1) * 10], torch.from_numpy(x[40:]))
+        assert torch.equal(source.test.y[slot * 10:(slot + 1) * 10], torch.from_numpy(y[40:]))
+        train = source.client_data(f"client_{k}")
+        assert torch.equal(train.x, torch.from_numpy(x[:40]))  # train and test are disjoint
+
+
+def test_synthetic_report_is_bounded_and_generates_no_client() -> None:
+    source = synthetic(seed=0, num_clients=100_000, test_clients=8)
+    before = source.generated
+    report = source.report()
+    assert source.generated == before
+    assert report["num_clients"] == 100_000 and report["on_demand"] is True
+    assert report["client_sizes"] == {"samples_per_client": 50, "train": 40, "held_out": 10}
+    assert report["test_samples"] == 80 and sum(report["test_label_counts"]) == 80
+    assert len(report["clients"]) == 8
+    for cid, entry in report["clients"].items():
+        assert entry["label_counts"] == source.client_data(cid).label_counts()
+    json.dumps(report)  # partition.json
+
+
+def test_synthetic_unknown_client_ids_are_key_errors() -> None:
+    source = synthetic(seed=0, num_clients=10)
+    for bad in ("client_10", "client_-1", "client_01", "client_", "worker_1", "client_1 "):
+        with pytest.raises(KeyError):
+            source.client_data(bad)
+    assert source.index_of("client_9") == 9
 
 
 @pytest.mark.parametrize("args", [
-    {"num_samples": 3, "num_classes": 5},
+    {"num_clients": 0},
+    {"samples_per_client": 0},
     {"num_features": 0},
     {"num_classes": 1},
-    {"noise": -0.1},
+    {"alpha": -0.1},
+    {"beta": -1.0},
+    {"test_fraction": 1.0},
+    {"test_clients": 0},
+    {"cache_clients": -1},
+    {"size_lognormal": [4.0]},
+    {"size_lognormal": [4.0, -1.0]},
+    {"samples_per_client": 50, "max_samples_per_client": 49},
+    {"num_features": 60, "shape": [1, 8, 8]},
+    {"num_features": 0, "shape": [0]},
 ])
 def test_synthetic_bad_arguments_are_config_errors(args: dict) -> None:
     with pytest.raises(ConfigError):
@@ -84,11 +228,40 @@ def test_synthetic_bad_arguments_are_config_errors(args: dict) -> None:
 
 def test_datasets_are_registered_and_seed_is_injected() -> None:
     assert {"dataset.digits", "dataset.synthetic", "dataset.mnist"} <= set(registry.names("dataset"))
-    built = registry.build("dataset", {"type": "synthetic", "args": {"num_samples": 50}}, "data",
-                           seed=9)
-    assert torch.equal(built.x, synthetic(seed=9, num_samples=50).x)
-    with pytest.raises(ConfigError, match=r"data\.args\.seed"):
-        registry.build("dataset", {"type": "synthetic", "args": {"seed": 1}}, "data", seed=9)
+    built = registry.build("dataset", {"type": "synthetic", "args": {"samples_per_client": 20}},
+                           "data", seed=9, num_clients=5, test_fraction=0.5)
+    assert built.num_clients == 5
+    assert torch.equal(built.client_data("client_2").x,
+                       synthetic(seed=9, num_clients=5, samples_per_client=20,
+                                 test_fraction=0.5).client_data("client_2").x)
+    assert len(built.client_data("client_2")) == 10
+    for injected in ("seed", "num_clients", "test_fraction"):
+        with pytest.raises(ConfigError, match=rf"data\.args\.{injected}: .*set by oiafed"):
+            registry.build("dataset", {"type": "synthetic", "args": {injected: 1}}, "data",
+                           seed=9, num_clients=5, test_fraction=0.5)
+
+
+# -- ClientIds ----------------------------------------------------------------------------------
+
+
+def test_client_ids_behave_like_the_list_of_ids() -> None:
+    ids = ClientIds(12)
+    listed = [f"client_{i}" for i in range(12)]
+    assert len(ids) == 12 and list(ids) == listed and ids == listed and ids == ClientIds(12)
+    assert ids != ClientIds(11) and ids != listed[:-1]
+    assert ids[0] == "client_0" and ids[-1] == "client_11" and ids[3:6] == listed[3:6]
+    assert ids[::5] == listed[::5]
+    with pytest.raises(IndexError):
+        ids[12]
+    with pytest.raises(IndexError):
+        ids[-13]
+    assert "client_11" in ids and "client_12" not in ids and 3 not in ids
+    assert "client_011" not in ids and "client_+1" not in ids and "client_١" not in ids
+    assert ids.index("client_7") == 7 and listed.index("client_7") == 7
+    with pytest.raises(ValueError):
+        ids.index("client_12")
+    with pytest.raises(ValueError):
+        ids.index("client_3", 4)
 
 
 # -- MNIST: the real files ----------------------------------------------------------------------

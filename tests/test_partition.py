@@ -10,9 +10,11 @@ import torch
 
 from oiafed import registry
 from oiafed.config import DataConfig
-from oiafed.data.federated import build_federated_data
+from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
+from oiafed.data.leaf import LeafSynthetic
 from oiafed.data.partition import IID, Dirichlet, Quantity, Shards
 from oiafed.exceptions import ConfigError
+from support import RegistrySnapshot
 
 NUM_CLASSES = 10
 
@@ -276,3 +278,64 @@ def test_federated_too_many_clients_is_a_config_error() -> None:
 def test_federated_bad_partition_value_names_its_section() -> None:
     with pytest.raises(ConfigError, match=r"data\.partition\.args: alpha must be > 0"):
         federated(partition={"type": "dirichlet", "args": {"alpha": 0}})
+
+
+# -- on-demand sources through build_federated_data ---------------------------------------------
+
+
+def synthetic_data(seed: int = 0, **data: object):
+    cfg = DataConfig.model_validate({"type": "synthetic", "num_clients": 1000, **data})
+    return build_federated_data(cfg, seed)
+
+
+def test_pooled_and_on_demand_data_offer_the_same_surface() -> None:
+    pooled, on_demand = federated(), synthetic_data(args={"num_features": 64, "shape": [1, 8, 8]})
+    for source in (pooled, on_demand):
+        assert isinstance(source, FederatedSource)
+        cid = source.client_ids[-1]
+        assert source.index_of(cid) == len(source.client_ids) - 1
+        assert source.client_data(cid).input_shape == source.input_shape == (1, 8, 8)
+        assert source.num_classes == 10 and len(source.test) > 0
+        assert source.report()["num_clients"] == source.num_clients
+    assert isinstance(pooled, FederatedData) and isinstance(on_demand, LeafSynthetic)
+
+
+def test_on_demand_data_gets_num_clients_test_fraction_and_seed_injected() -> None:
+    source = synthetic_data(7, num_clients=321, test_fraction=0.5,
+                            args={"samples_per_client": 10})
+    assert source.num_clients == 321 and source.seed == 7
+    assert len(source.client_data("client_320")) == 5
+    assert len(source.test) == 100 * 5  # 100 test clients by default
+
+
+@pytest.mark.parametrize("partition", [
+    {"type": "dirichlet", "args": {"alpha": 0.3}},
+    {"type": "shards"},
+    {"type": "iid", "args": {"bogus": 1}},
+])
+def test_on_demand_data_rejects_a_partition(partition: dict) -> None:
+    with pytest.raises(ConfigError) as info:
+        synthetic_data(partition=partition)
+    assert info.value.path == "data.partition"
+    assert "takes no partition" in str(info.value)
+
+
+def test_on_demand_data_accepts_the_default_partition_written_out() -> None:
+    # A resolved config (config.yaml) spells the default out; resuming it must work.
+    assert synthetic_data(partition={"type": "iid"}).num_clients == 1000
+
+
+def test_a_dataset_returning_something_else_is_a_config_error() -> None:
+    with RegistrySnapshot():
+        registry.register("dataset.broken")(lambda seed: [1, 2, 3])
+        with pytest.raises(ConfigError, match="returned list") as info:
+            build_federated_data(DataConfig.model_validate({"type": "broken"}), 0)
+    assert info.value.path == "data.type"
+
+
+def test_a_user_source_with_the_wrong_client_count_is_a_config_error() -> None:
+    with RegistrySnapshot():
+        registry.register("dataset.fixed")(lambda seed: LeafSynthetic(seed, 5))
+        with pytest.raises(ConfigError, match=r"5 clients but data\.num_clients is 10") as info:
+            build_federated_data(DataConfig.model_validate({"type": "fixed"}), 0)
+    assert info.value.path == "data.num_clients"

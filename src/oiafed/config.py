@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from oiafed import registry
 from oiafed.exceptions import ConfigError
 
-INJECTED_ARGS = {"model": {"input_shape", "num_classes"}, "dataset": {"seed"}}
-"""Arguments oiafed passes to components itself (never set in a config)."""
+INJECTED_ARGS = {"model": {"input_shape", "num_classes"},
+                 "dataset": {"seed", "num_clients", "test_fraction"}}
+"""Arguments oiafed passes to components itself (never set in a config). A dataset always gets
+``seed``, and ``num_clients``/``test_fraction`` (from ``data``) when its signature names them."""
 
 
 class _Strict(BaseModel):

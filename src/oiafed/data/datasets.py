@@ -1,5 +1,6 @@
-"""Built-in datasets. Each returns the whole labelled pool as an ``ArrayDataset``; oiafed
-splits off the global test set and partitions the rest among clients."""
+"""Built-in datasets. ``digits`` and ``mnist`` return the whole labelled pool as an
+``ArrayDataset`` (oiafed splits off the global test set and partitions the rest among
+clients); ``synthetic`` is a ``FederatedSource`` that generates each client's data on demand."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from oiafed.data.arrays import ArrayDataset
+from oiafed.data.leaf import LeafSynthetic
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
-from oiafed.seeding import DATA, rng
 
 
 @register("dataset.digits")
@@ -33,28 +34,49 @@ def digits(seed: int, flatten: bool = False) -> ArrayDataset:
 @register("dataset.synthetic")
 def synthetic(
     seed: int,
-    num_samples: int = 2000,
-    num_features: int = 20,
-    num_classes: int = 5,
-    noise: float = 0.5,
-) -> ArrayDataset:
-    """Gaussian class clusters generated from the seed: a quick, dependency-free task.
+    num_clients: int = 10,
+    test_fraction: float = 0.2,
+    samples_per_client: int = 50,
+    num_features: int = 60,
+    num_classes: int = 10,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    size_lognormal: tuple[float, float] | None = None,
+    max_samples_per_client: int | None = None,
+    shape: list[int] | None = None,
+    test_clients: int = 100,
+    cache_clients: int = 256,
+) -> LeafSynthetic:
+    """LEAF's Synthetic(alpha, beta) (Li et al., FedProx): every client has its own logistic
+    model and input distribution; its data is generated on demand from ``(seed, client)``, so a
+    federation of any size needs no pooled array. Takes no ``data.partition``;
+    ``data.num_clients`` and ``data.test_fraction`` are passed in. See ``oiafed.data.leaf``.
 
     Args:
-        num_samples: pool size (before the test split).
-        num_features: feature dimension.
-        num_classes: number of labels.
-        noise: standard deviation around each class centre (larger is harder).
+        samples_per_client: samples generated per client (``test_fraction`` of them held out);
+            with ``size_lognormal``, the minimum.
+        num_features, num_classes: the task's dimensions (LEAF: 60 and 10).
+        alpha: spread of the clients' models; beta: spread of their inputs (standard deviations).
+        size_lognormal: ``[mu, sigma]``: LEAF's unequal sizes, ``samples_per_client +
+            floor(LogNormal(mu, sigma))`` (LEAF: ``[4, 2]`` with 50); default: all equal.
+        max_samples_per_client: cap on a client's size (with ``size_lognormal``).
+        shape: each sample's shape, e.g. ``[1, 8, 8]`` with 64 features for a CNN.
+        test_clients: the global test set is the held-out data of this many clients, spread
+            evenly over the federation.
+        cache_clients: clients' training data kept in memory after generation (LRU).
+
+    YAML:
+        data:
+          type: synthetic
+          num_clients: 100000
+          args: {alpha: 1.0, beta: 1.0, samples_per_client: 50}
     """
-    if num_samples < num_classes or num_features < 1 or num_classes < 2 or noise < 0:
-        raise ConfigError(
-            "need num_samples >= num_classes, num_features >= 1, num_classes >= 2, noise >= 0"
-        )
-    gen = rng(seed, DATA)
-    centres = gen.normal(0.0, 1.0, size=(num_classes, num_features))
-    labels = gen.integers(0, num_classes, size=num_samples)
-    features = centres[labels] + gen.normal(0.0, noise, size=(num_samples, num_features))
-    return ArrayDataset.from_numpy(features, labels, num_classes=num_classes)
+    return LeafSynthetic(
+        seed, num_clients, test_fraction=test_fraction, samples_per_client=samples_per_client,
+        num_features=num_features, num_classes=num_classes, alpha=alpha, beta=beta,
+        size_lognormal=size_lognormal, max_samples_per_client=max_samples_per_client,
+        shape=shape, test_clients=test_clients, cache_clients=cache_clients,
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:

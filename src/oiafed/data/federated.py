@@ -1,8 +1,24 @@
-"""The federation's data: a held-out global test set and one partition per client."""
+"""The federation's data: a held-out global test set and each client's local data.
+
+A dataset component returns either
+
+* a pooled ``ArrayDataset``: oiafed splits off the global test set (``data.test_fraction``,
+  stratified) and partitions the rest among ``data.num_clients`` clients with
+  ``data.partition`` (a ``FederatedData``); or
+* a ``FederatedSource`` of its own, which gives each client its data on demand (``synthetic``
+  does): nothing is held per client, so a federation of 100,000 clients costs what its
+  sampled clients cost. Such a dataset declares ``num_clients`` (and ``test_fraction``) among
+  its arguments to have them injected, and takes no ``data.partition``.
+
+Trainer, runtimes and workers use only the ``FederatedSource`` surface.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import numpy as np
 
@@ -11,19 +27,121 @@ from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError
 from oiafed.seeding import PARTITION, derive_seed, rng
 
+PREFIX = "client_"
+
 
 def client_id(index: int) -> str:
     """The id of the client at ``index``: ``client_0``, ``client_1``, ..."""
-    return f"client_{index}"
+    return f"{PREFIX}{index}"
 
 
-class FederatedData:
-    """Global test split plus per-client training partitions, computed once from the seed.
+class ClientIds(Sequence[str]):
+    """``client_0 .. client_{n-1}`` as a sequence that stores nothing per client.
+
+    Indexing, ``in`` and ``index()`` are O(1), so a source of any size needs no id list.
+    """
+
+    __slots__ = ("_n",)
+
+    def __init__(self, num_clients: int) -> None:
+        if num_clients < 0:
+            raise ValueError(f"num_clients must be >= 0, got {num_clients}")
+        self._n = num_clients
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [client_id(j) for j in range(*i.indices(self._n))]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"client index {i} out of range for {self._n} clients")
+        return client_id(j)
+
+    def __iter__(self) -> Iterator[str]:
+        return (client_id(j) for j in range(self._n))
+
+    def __contains__(self, cid: object) -> bool:
+        return self._parse(cid) is not None
+
+    def index(self, cid: Any, start: int = 0, stop: int | None = None) -> int:
+        """The index of ``cid`` (``ValueError`` if it is not one of these ids)."""
+        j = self._parse(cid)
+        stop = self._n if stop is None else stop
+        if j is None or not start <= j < stop:
+            raise ValueError(f"{cid!r} is not in the client ids")
+        return j
+
+    def _parse(self, cid: object) -> int | None:
+        if not isinstance(cid, str) or not cid.startswith(PREFIX):
+            return None
+        digits = cid[len(PREFIX):]
+        if not (digits.isascii() and digits.isdigit()) or (len(digits) > 1 and digits[0] == "0"):
+            return None
+        j = int(digits)
+        return j if j < self._n else None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ClientIds):
+            return self._n == other._n
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == self._n and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __repr__(self) -> str:
+        return f"ClientIds({self._n})"
+
+
+class FederatedSource(ABC):
+    """The federation's data, as the trainer, runtimes and workers see it.
 
     Attributes:
-        test: the global test set.
-        client_ids: every client's id, in index order.
+        client_ids: every client's id, in index order (``client_0``, ``client_1``, ...).
+        test: the global test set (bounded in size: the trainer evaluates on it every round).
         num_classes, input_shape: what models are built for.
+
+    Nothing here may cost O(number of clients) per call: ``index_of`` and ``client_data`` are
+    called for the sampled clients of every round.
+    """
+
+    client_ids: Sequence[str]
+    test: ArrayDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def num_clients(self) -> int:
+        """How many clients the federation has."""
+        return len(self.client_ids)
+
+    @abstractmethod
+    def index_of(self, cid: str) -> int:
+        """The index of client ``cid`` (its position in ``client_ids``); ``KeyError`` if unknown."""
+
+    @abstractmethod
+    def client_data(self, cid: str) -> ArrayDataset:
+        """Client ``cid``'s local training data."""
+
+    @abstractmethod
+    def report(self) -> dict[str, Any]:
+        """What ``partition.json`` records: sizes and label histograms, as far as they are cheap."""
+
+
+class FederatedData(FederatedSource):
+    """A pooled dataset split once from the seed: global test split plus one partition per client.
+
+    Attributes:
+        train: the training pool the partitions index into.
+        parts: one sorted index array into ``train`` per client.
     """
 
     def __init__(self, train: ArrayDataset, test: ArrayDataset, parts: list[np.ndarray]) -> None:
@@ -36,18 +154,16 @@ class FederatedData:
         self.input_shape = train.input_shape
 
     def index_of(self, cid: str) -> int:
-        """The index of client ``cid`` (its position in ``client_ids``)."""
         try:
             return self._index[cid]
         except KeyError:
             raise KeyError(f"unknown client id {cid!r}") from None
 
     def client_data(self, cid: str) -> ArrayDataset:
-        """Client ``cid``'s local training data."""
         return self.train.subset(self.parts[self.index_of(cid)])
 
     def report(self) -> dict[str, Any]:
-        """Per-client sample counts and label histograms (for ``partition.json``)."""
+        """Per-client sample counts and label histograms, and the test split's histogram."""
         labels = self.train.y.numpy()
         clients = {
             cid: {
@@ -66,12 +182,57 @@ class FederatedData:
         }
 
 
-def build_federated_data(data_cfg: Any, seed: int) -> FederatedData:
-    """Load the configured dataset, split off the test set, and partition the rest."""
+OPTIONAL_INJECTED = ("num_clients", "test_fraction")
+"""``data`` fields a dataset receives as arguments when its signature names them."""
+
+
+def _declared(target: Any) -> set[str]:
+    try:
+        return set(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def build_federated_data(data_cfg: Any, seed: int) -> FederatedSource:
+    """Build the configured dataset; a pooled one is split into test set and client partitions.
+
+    Raises:
+        ConfigError: on bad data settings, naming the key path (``data.partition`` when an
+            on-demand dataset is given a partition).
+    """
+    target = registry.get("dataset", data_cfg.type, path="data.type")
+    declared = _declared(target)
+    injected: dict[str, Any] = {"seed": seed}
+    injected.update({name: getattr(data_cfg, name) for name in OPTIONAL_INJECTED
+                     if name in declared})
+    built = registry.build("dataset", {"type": data_cfg.type, "args": data_cfg.args}, "data",
+                           **injected)
+    if isinstance(built, FederatedSource):
+        return _check_source(built, data_cfg)
+    if isinstance(built, ArrayDataset):
+        return _split_pool(built, data_cfg, seed)
+    raise ConfigError(
+        f"dataset {data_cfg.type!r} returned {type(built).__name__}; a dataset returns an "
+        "ArrayDataset (pooled) or a FederatedSource (per-client data)", "data.type")
+
+
+def _check_source(source: FederatedSource, data_cfg: Any) -> FederatedSource:
+    if data_cfg.partition != type(data_cfg.partition)():
+        raise ConfigError(
+            f"dataset {data_cfg.type!r} gives every client its own data, so it takes no "
+            "partition; remove data.partition", "data.partition")
+    if source.num_clients != data_cfg.num_clients:
+        raise ConfigError(f"dataset {data_cfg.type!r} has {source.num_clients} clients but "
+                          f"data.num_clients is {data_cfg.num_clients}", "data.num_clients")
+    if len(source.test) == 0:
+        raise ConfigError(f"dataset {data_cfg.type!r} gives an empty test set", "data")
+    return source
+
+
+def _split_pool(pool: ArrayDataset, data_cfg: Any, seed: int) -> FederatedData:
+    """Split off the stratified test set and partition the rest among the clients."""
     from sklearn.model_selection import train_test_split  # heavy: imported on first use
 
-    pool = registry.build("dataset", {"type": data_cfg.type, "args": data_cfg.args}, "data",
-                          seed=seed)
     labels = pool.y.numpy()
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
