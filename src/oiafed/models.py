@@ -12,10 +12,15 @@ from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
 
+def _flatten(input_shape: tuple[int, ...]) -> list[nn.Module]:
+    """A ``Flatten`` layer when the input is not already a feature vector."""
+    return [nn.Flatten()] if len(input_shape) > 1 else []
+
+
 @register("model.logreg")
 def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Multinomial logistic regression on the flattened input."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+    return nn.Sequential(*_flatten(input_shape), nn.Linear(math.prod(input_shape), num_classes))
 
 
 @register("model.mlp")
@@ -29,7 +34,7 @@ def mlp(
     """
     if any(h < 1 for h in hidden):
         raise ConfigError(f"hidden sizes must be >= 1, got {list(hidden)}")
-    layers: list[nn.Module] = [nn.Flatten()]
+    layers: list[nn.Module] = _flatten(input_shape)
     width = math.prod(input_shape)
     for size in hidden:
         layers += [nn.Linear(width, size), nn.ReLU()]

@@ -7,6 +7,7 @@ from a config section ``{type: name, args: {...}}``; the kind comes from the sec
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import logging
@@ -130,7 +131,8 @@ def name_of(obj: Any) -> str | None:
     return _name_by_obj.get(type(obj))
 
 
-def _args_model(target: Any, injected: set[str]) -> type[pydantic.BaseModel] | None:
+@functools.lru_cache(maxsize=256)
+def _args_model(target: Any, injected: frozenset[str]) -> type[pydantic.BaseModel] | None:
     """A pydantic model of the config arguments ``target`` accepts (None: accepts anything)."""
     try:
         signature = inspect.signature(target, eval_str=True)
@@ -161,7 +163,7 @@ def validate_args(target: Any, args: Mapping[str, Any], path: str, injected: set
     for key in args:
         if key in injected:
             raise ConfigError(f"{key!r} is set by oiafed, not by the config", f"{path}.{key}")
-    model = _args_model(target, injected)
+    model = _args_model(target, frozenset(injected))
     if model is None:
         return dict(args)
     try:

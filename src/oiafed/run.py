@@ -111,10 +111,13 @@ def run(
     trainer.recorder = folder
     trainer.run_dir = folder.path
     logger.info("run folder: %s", folder.path)
-    result = run_coroutine(trainer.fit())
-    result.run_dir = folder.path
-    if not folder.saved_round(trainer.round_num):
-        folder.save_state(trainer)
+    try:
+        result = run_coroutine(trainer.fit())
+        result.run_dir = folder.path
+        if not folder.saved_round(trainer.round_num):
+            folder.save_state(trainer)
+    finally:
+        folder.close()
     folder.write_summary(result)
     return result
 

@@ -11,7 +11,7 @@ from oiafed.config import ExperimentConfig
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
-from oiafed.state import STATE_FILE, save_state
+from oiafed.state import STATE_FILE, StateWriter
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -31,6 +31,7 @@ class RunFolder:
         self.path = path
         self.checkpoint_every = checkpoint_every
         self._saved_round: int | None = None
+        self._state_writer = StateWriter(path)
 
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_every: int = 1) -> RunFolder:
@@ -75,10 +76,15 @@ class RunFolder:
             self.save_state(trainer)
 
     def save_state(self, trainer: Any) -> None:
-        """Write the resumable state of ``trainer`` (atomically)."""
+        """Snapshot the resumable state of ``trainer``; it reaches disk atomically, in the
+        background (``close`` waits for it)."""
         if self.checkpoint_every:
-            save_state(self.path, trainer.state_dict())
+            self._state_writer.submit(trainer.state_dict())
             self._saved_round = trainer.round_num
+
+    def close(self) -> None:
+        """Wait until the last state snapshot is on disk."""
+        self._state_writer.close()
 
     def saved_round(self, round_num: int) -> bool:
         """Whether the state after ``round_num`` is already on disk."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 
 from oiafed.exceptions import InputError
-from oiafed.io import atomic_torch_save
+from oiafed.io import atomic_write_bytes
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
@@ -37,10 +39,47 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_state(run_dir: Path, trainer_state: dict[str, Any]) -> None:
-    """Write ``state.pt`` (trainer state + RNG states) atomically."""
-    atomic_torch_save({"version": FORMAT_VERSION, "trainer": trainer_state, "rng": capture_rng()},
-                      run_dir / STATE_FILE)
+def encode_state(trainer_state: dict[str, Any]) -> bytes:
+    """The bytes of ``state.pt``: trainer state plus the RNG states, as of now."""
+    buffer = io.BytesIO()
+    torch.save({"version": FORMAT_VERSION, "trainer": trainer_state, "rng": capture_rng()},
+               buffer)
+    return buffer.getvalue()
+
+
+class StateWriter:
+    """Writes ``state.pt`` atomically in a background thread, one write in flight at most.
+
+    The state is serialised at once (a snapshot); only the file write and fsync overlap with
+    the next round. After a crash the file holds the last state whose write completed, so a
+    resumed run redoes at most the round after it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / STATE_FILE
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def submit(self, trainer_state: dict[str, Any]) -> None:
+        data = encode_state(trainer_state)
+        self.wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oiafed-state")
+        self._pending = self._executor.submit(atomic_write_bytes, self.path, data)
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk (re-raising its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
 
 def load_state(run_dir: Path) -> dict[str, Any]:
