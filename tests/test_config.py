@@ -64,7 +64,7 @@ def test_resolved_config_written_as_yaml_loads_back_the_same() -> None:
     ({"data": {"num_client": 3}}, "data.num_client: unknown key"),
     ({"data": {"partition": {"type": "iid", "argz": {}}}}, "data.partition.argz: unknown key"),
     ({"callbacks": [{"type": "progress", "arg": {}}]}, "callbacks[0].arg: unknown key"),
-    ({"runtime": {"workers": 2}}, "runtime.workers: unknown key"),
+    ({"runtime": {"gpus": 2}}, "runtime.gpus: unknown key"),
     ({"trainer": {"args": {"rounds": 3, "roundz": 3}}}, "trainer.args.roundz: unknown argument"),
 ])
 def test_unknown_keys_are_named(raw: dict, expected: str) -> None:
