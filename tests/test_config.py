@@ -90,7 +90,7 @@ def test_wrong_types_are_named(raw: dict, expected: str) -> None:
     ({"data": {"num_clients": 0}}, "data.num_clients: Input should be greater than or equal to 1"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction: Input should be less than 1"),
     ({"name": "my run"}, "name: String should match pattern"),
-    ({"runtime": {"mode": "ray"}}, "runtime.mode: Input should be 'serial'"),
+    ({"runtime": {"mode": "cluster"}}, "runtime.mode: Input should be 'serial', 'parallel', 'ray' or 'grpc'"),
 ])
 def test_bad_values_are_named(raw: dict, expected: str) -> None:
     assert expected in config_error(raw)
