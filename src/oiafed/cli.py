@@ -1,17 +1,23 @@
-"""The ``oiafed`` command: parse arguments, call run/validate/list. Exit 0 ok, 2 bad input, 1 failure."""
+"""The ``oiafed`` command: run, validate, list; server and client of a deployment.
+Exit 0 ok, 2 bad input, 1 failure."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 from oiafed import registry
 from oiafed.callbacks.progress import ProgressCallback, format_metrics
+from oiafed.config import load_config
+from oiafed.core.trainer import RoundFailed
+from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.run import run, validate
 
@@ -37,7 +43,54 @@ def _parser() -> argparse.ArgumentParser:
 
     list_cmd = commands.add_parser("list", help="list registered components")
     list_cmd.add_argument("kind", nargs="?", choices=registry.KINDS)
+
+    server_cmd = commands.add_parser(
+        "server", help="serve a deployment: train with the clients that join over gRPC",
+        description="Run the trainer of CONFIG as a gRPC server; wait for the clients "
+                    "(oiafed client) to join, train, tell them to finish. The shared token comes "
+                    "from $OIAFED_TOKEN or --token-file.")
+    server_cmd.add_argument("config", nargs="?", help="path of the YAML config (not needed with --resume)")
+    server_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    server_cmd.add_argument("--address", required=True, metavar="HOST:PORT",
+                            help="where to listen, e.g. 0.0.0.0:50051")
+    server_cmd.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>-<time>)")
+    server_cmd.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    server_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _security_flags(server_cmd)
+    server_cmd.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
+    server_cmd.add_argument("--tls-key", metavar="PEM", help="the server's private key")
+    server_cmd.add_argument("--tls-client-ca", metavar="PEM",
+                            help="CA of client certificates: require them (mutual TLS)")
+
+    client_cmd = commands.add_parser(
+        "client", help="join a deployment's server and train when asked",
+        description="Join the gRPC server of a deployment as one client: train its partition "
+                    "of CONFIG's data (or, with --local-data, the whole configured dataset) when "
+                    "asked; reconnect after a dropped connection; exit when the run is over.")
+    client_cmd.add_argument("config", help="path of the YAML config (the server's)")
+    client_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    client_cmd.add_argument("--server", required=True, metavar="HOST:PORT", help="the server")
+    client_cmd.add_argument("--client-id", required=True, metavar="ID", help="e.g. client_3")
+    _security_flags(client_cmd)
+    client_cmd.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate (turns TLS on)")
+    client_cmd.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (mutual TLS)")
+    client_cmd.add_argument("--tls-key", metavar="PEM", help="this client's private key (mutual TLS)")
+    client_cmd.add_argument("--tls-server-name", metavar="NAME",
+                            help="name in the server's certificate, if not the host dialled")
+    client_cmd.add_argument("--local-data", action="store_true",
+                            help="train on the whole configured dataset (a local one) instead of "
+                                 "the partition computed from the seed")
+    client_cmd.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    client_cmd.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
+                            help="give up after this long without reaching the server (default 300)")
     return parser
+
+
+def _security_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--token-file", metavar="FILE",
+                         help="file holding the shared token (default: $OIAFED_TOKEN)")
+    command.add_argument("--no-token", action="store_true",
+                         help="no token (anyone who reaches the server joins): trusted networks only")
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
@@ -48,8 +101,11 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     extra = [] if args.quiet else [ProgressCallback(console)]
     result = run(args.config, run_dir=args.run_dir, resume=args.resume,
                  callbacks=extra, overrides=args.overrides)
-    if args.quiet:
-        return
+    if not args.quiet:
+        _report(result, console)
+
+
+def _report(result: TrainResult, console: Console) -> None:
     best = result.best()
     console.print(f"[bold]done[/bold]: {result.rounds_completed} rounds, {result.stop_reason}"
                   f"{f' (by {result.stopped_by})' if result.stopped_by else ''}, "
@@ -60,6 +116,52 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     if result.callback_errors:
         console.print(f"[yellow]{len(result.callback_errors)} callback error(s); see the log")
     console.print(f"run folder: {result.run_dir}", highlight=False, soft_wrap=True)
+
+
+def _server(args: argparse.Namespace, console: Console) -> None:
+    from oiafed.runtime.grpc import ServerSecurity, use_security
+
+    if args.config and "=" in args.config:
+        if not args.resume:
+            raise InputError(f"the first argument must be the config file, got {args.config!r}")
+        args.overrides, args.config = [args.config, *args.overrides], None
+    security = ServerSecurity.from_options(
+        token_file=args.token_file, no_token=args.no_token, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+    # JSON strings are YAML strings: an address like [::]:50051 stays a string.
+    overrides = [*args.overrides, "runtime.mode=grpc", f"runtime.address={json.dumps(args.address)}"]
+    logging.getLogger("oiafed.runtime.grpc").setLevel(logging.INFO)
+    extra = [] if args.quiet else [ProgressCallback(console)]
+    with use_security(security):
+        result = run(args.config, run_dir=args.run_dir, resume=args.resume, callbacks=extra,
+                     overrides=overrides)
+    if not args.quiet:
+        _report(result, console)
+
+
+def _client(args: argparse.Namespace, console: Console) -> int:
+    from oiafed.runtime.grpc import ClientSecurity
+    from oiafed.runtime.grpc.client import ServerUnreachable, run_client
+
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.reconnect_timeout <= 0:
+        raise InputError(f"--reconnect-timeout must be > 0, got {args.reconnect_timeout}")
+    security = ClientSecurity.from_options(
+        token_file=args.token_file, no_token=args.no_token, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name)
+    cfg = load_config(args.config, args.overrides)
+    logging.getLogger("oiafed.runtime.grpc").setLevel(logging.INFO)
+    try:
+        finished = run_client(cfg, server=args.server, client_id=args.client_id, security=security,
+                              local_data=args.local_data, threads=args.threads,
+                              reconnect_timeout=args.reconnect_timeout)
+    except ServerUnreachable as exc:
+        console.print(f"failed: {exc}", highlight=False, soft_wrap=True)
+        return 1
+    console.print(f"{args.client_id}: the server ended the run: {finished.reason}",
+                  highlight=False, soft_wrap=True)
+    return 0 if finished.ok else 1
 
 
 def _validate(args: argparse.Namespace, console: Console) -> None:
@@ -90,20 +192,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    handlers = {"run": _run, "validate": _validate, "list": _list}
+    handlers: dict[str, Any] = {"run": _run, "validate": _validate, "list": _list,
+                                "server": _server, "client": _client}
     try:
-        handlers[args.command](args, Console())
+        code = handlers[args.command](args, Console())
     except InputError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         return 130
+    except RoundFailed as exc:  # an expected way for a deployment to end: no traceback
+        console.print(f"[red]failed:[/red] RoundFailed: {exc}", highlight=False, soft_wrap=True)
+        return 1
     except Exception as exc:
         logger.exception("oiafed %s failed", args.command)
         console.print(f"[red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

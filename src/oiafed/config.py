@@ -66,7 +66,12 @@ class RuntimeConfig(_Strict):
     threads: int | None = Field(None, ge=1)
     """Torch threads in each worker process (default 1)."""
     address: str | None = None
-    """ray: ``auto`` or ``HOST:PORT`` of a cluster (default: a local one); grpc: ``HOST:PORT``."""
+    """ray: ``auto`` or ``HOST:PORT`` of a cluster (default: a local one); grpc: ``HOST:PORT``
+    the server listens on (default: a loopback deployment, one client process per client)."""
+    min_join: int | None = Field(None, ge=1)
+    """grpc: clients that must have joined before the first round (default: all of them)."""
+    join_timeout: float | None = Field(None, gt=0)
+    """grpc: seconds the server waits for them (default: no limit; 300 on loopback)."""
     num_cpus_per_client: float = Field(1.0, gt=0)
     """ray: CPUs reserved by each actor."""
 

@@ -1,0 +1,274 @@
+"""The client side of a deployment: a process that joins the server and trains when asked.
+
+``FederationClient`` holds the ``Connect`` stream (see ``proto/oiafed.proto``): it says Hello,
+receives tasks with the global weights in chunks, hands them to a training function and sends
+back the update in chunks. A dropped connection is retried (with back-off) until the server
+says the run is over, or until it has been unreachable for ``reconnect_timeout`` seconds. A
+refusal (wrong token, unknown client id, another model) is final.
+
+``run_client`` builds the training function from the config: the configured learner and
+callbacks (epoch hooks run in this process), trained on this client's partition, computed from
+the seed exactly as the server computes it, or on a local dataset (``local_data``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from oiafed import registry
+from oiafed.callbacks.base import CallbackManager
+from oiafed.config import ExperimentConfig
+from oiafed.core.types import ClientUpdate, Weights
+from oiafed.exceptions import InputError, OiafedError
+from oiafed.runtime.codec import WireError, decode_weights, encode_weights
+from oiafed.runtime.grpc.auth import ClientSecurity
+from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
+from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
+from oiafed.runtime.grpc.wire import (
+    CLIENT_OPTIONS,
+    PROTOCOL,
+    Assembler,
+    chunks,
+    model_digest,
+    parse_address,
+)
+from oiafed.runtime.worker import ClientWorker, build_callbacks, build_model
+
+logger = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 1 << 36
+"""The largest global model a client accepts (64 GiB)."""
+
+REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_")
+
+
+class RefusedError(InputError):
+    """The server refused this client (token, client id, model, TLS): retrying cannot help."""
+
+
+class ServerUnreachable(OiafedError):
+    """The server could not be reached for ``reconnect_timeout`` seconds."""
+
+
+@dataclass
+class Task:
+    """A training task as the client receives it."""
+
+    round_num: int
+    seed: int
+    config: dict[str, Any]
+    weights: Weights
+
+
+@dataclass
+class Finished:
+    """How the run ended, as the server said."""
+
+    ok: bool
+    reason: str
+
+
+class _Dropped(Exception):
+    """The connection ended after the server had welcomed us (retry)."""
+
+
+class FederationClient:
+    """Joins ``server`` as ``client_id`` and runs ``train`` for every task it is sent.
+
+    Args:
+        server: ``HOST:PORT`` of the server.
+        client_id: this client's id (``client_3``).
+        train: trains from a ``Task``; returns the ``ClientUpdate`` (an exception is reported
+            to the server as this client's failure in that round).
+        security: token and TLS material.
+        digest: the model digest the server checks (``wire.model_digest(cfg)``).
+        reconnect_timeout: give up after this many seconds without a connection.
+    """
+
+    def __init__(self, server: str, client_id: str, train: Callable[[Task], ClientUpdate],
+                 security: ClientSecurity, *, digest: str = "",
+                 reconnect_timeout: float = 300.0) -> None:
+        parse_address(server, "--server")
+        self.server = server
+        self.client_id = client_id
+        self.train = train
+        self.security = security
+        self.digest = digest
+        self.reconnect_timeout = reconnect_timeout
+        self.connections = 0
+
+    def run(self) -> Finished:
+        """Serve tasks until the server ends the run.
+
+        Raises:
+            RefusedError: when the server refuses this client.
+            ServerUnreachable: when no connection could be made for ``reconnect_timeout``.
+        """
+        last_seen = time.monotonic()
+        delay = 0.1
+        while True:
+            try:
+                return self._session()
+            except _Dropped as exc:
+                logger.warning("connection to %s lost (%s); reconnecting", self.server, exc)
+                last_seen, delay = time.monotonic(), 0.1
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if code in REFUSALS:
+                    raise RefusedError(f"the server {self.server} refused {self.client_id}: "
+                                       f"{details} ({code.name})") from None
+                if self.security.tls and any(w in details.lower() for w in TLS_FAILURES):
+                    raise RefusedError(f"TLS with {self.server} failed: {details}") from None
+                logger.debug("cannot reach %s: %s %s", self.server, code.name, details)
+            if time.monotonic() - last_seen > self.reconnect_timeout:
+                raise ServerUnreachable(
+                    f"could not reach the server {self.server} for {self.reconnect_timeout:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _channel(self) -> grpc.Channel:
+        options = [*CLIENT_OPTIONS, *self.security.channel_options()]
+        credentials = self.security.credentials()
+        if credentials is None:
+            return grpc.insecure_channel(self.server, options=options)
+        return grpc.secure_channel(self.server, credentials, options=options)
+
+    def _session(self) -> Finished:
+        outbox: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
+        outbox.put(pb.ClientMessage(hello=pb.Hello(client_id=self.client_id, protocol=PROTOCOL,
+                                                   model_digest=self.digest, pid=os.getpid())))
+
+        def requests() -> Iterator[pb.ClientMessage]:
+            while (message := outbox.get()) is not None:
+                yield message
+
+        channel = self._channel()
+        call = pb_grpc.FederationStub(channel).Connect(requests(),
+                                                       metadata=self.security.metadata())
+        try:
+            first = next(call)  # grpc.RpcError when refused or unreachable
+            if first.WhichOneof("kind") != "welcome":
+                raise RefusedError(f"the server {self.server} did not welcome the client")
+            self.connections += 1
+            logger.info("joined %s as %s", self.server, self.client_id)
+            try:
+                return self._serve(call, outbox)
+            except grpc.RpcError as exc:
+                raise _Dropped(f"{exc.code().name}: {exc.details()}") from None
+        except StopIteration:
+            raise _Dropped("the server closed the connection") from None
+        except WireError as exc:
+            raise _Dropped(f"malformed message from the server: {exc}") from None
+        finally:
+            outbox.put(None)
+            call.cancel()
+            channel.close()
+
+    def _serve(self, call: Iterator[pb.ServerMessage],
+               outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> Finished:
+        task: pb.TrainTask | None = None
+        assembler: Assembler | None = None
+        for message in call:
+            kind = message.WhichOneof("kind")
+            if kind == "task":
+                task, assembler = message.task, Assembler(message.task.size, MAX_PAYLOAD)
+                if assembler.done:
+                    self._answer(task, assembler.payload(), outbox)
+                    task = assembler = None
+            elif kind == "chunk":
+                if task is None or message.chunk.task_id != task.task_id:
+                    continue
+                if assembler.add(message.chunk.data):
+                    self._answer(task, assembler.payload(), outbox)
+                    task = assembler = None
+            elif kind == "finish":
+                outbox.put(None)  # half-close: the server sees the end of our stream
+                for _ in call:
+                    pass
+                return Finished(message.finish.ok, message.finish.reason)
+        raise _Dropped("the server ended the stream without finishing the run")
+
+    def _answer(self, task: pb.TrainTask, payload: bytes,
+                outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
+        try:
+            work = Task(task.round, task.seed, json.loads(task.config_json or "{}"),
+                        decode_weights(payload))
+            del payload
+            update = self.train(work)
+            data = encode_weights(update.weights)
+        except Exception as exc:
+            logger.exception("round %d: training failed", task.round)
+            outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
+                                                           error=f"{type(exc).__name__}: {exc}")))
+            return
+        outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
+            task_id=task.task_id, num_samples=update.num_samples, size=len(data),
+            metrics={k: float(v) for k, v in update.metrics.items()})))
+        for piece in chunks(data):
+            outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
+
+
+def build_trainer(cfg: ExperimentConfig, client_id: str, *, local_data: bool = False
+                  ) -> Callable[[Task], ClientUpdate]:
+    """The training function of ``client_id``: the configured learner (and callbacks) on the
+    client's partition of the configured data, or, with ``local_data``, on the whole
+    configured dataset (a local one, e.g. ``data.type=mnist data.args.root=/data/site3``).
+
+    Raises:
+        InputError: for a client id the config does not have, or a dataset that cannot serve
+            as local data.
+    """
+    if local_data:
+        registry.import_modules(cfg.imports)
+        data = registry.build("dataset", {"type": cfg.data.type, "args": cfg.data.args}, "data",
+                              seed=cfg.seed)
+        if not hasattr(data, "x") or not hasattr(data, "input_shape"):
+            raise InputError(f"data.type {cfg.data.type!r} does not load one local dataset; "
+                             "--local-data needs one such as digits or mnist")
+        learner = registry.build("learner", cfg.learner.model_dump(), "learner")
+        learner.setup(build_model(cfg, data),
+                      CallbackManager(build_callbacks(cfg), strict=cfg.strict))
+    else:
+        worker = ClientWorker.from_config(cfg)
+        learner = worker.learner
+        try:
+            data = worker.data.client_data(client_id)
+        except KeyError:
+            ids = worker.data.client_ids
+            raise InputError(f"unknown client id {client_id!r}: the config has {ids[0]} .. "
+                             f"{ids[-1]} ({len(ids)} clients)") from None
+    loop = asyncio.new_event_loop()
+
+    def train(task: Task) -> ClientUpdate:
+        return loop.run_until_complete(learner.fit(
+            client_id, task.weights, data, round_num=task.round_num, seed=task.seed,
+            config=task.config))
+
+    return train
+
+
+def run_client(cfg: ExperimentConfig, *, server: str, client_id: str, security: ClientSecurity,
+               local_data: bool = False, threads: int | None = None,
+               reconnect_timeout: float = 300.0) -> Finished:
+    """Join ``server`` as ``client_id`` and train until the run is over (``oiafed client``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train = build_trainer(cfg, client_id, local_data=local_data)
+    client = FederationClient(server, client_id, train, security, digest=model_digest(cfg),
+                              reconnect_timeout=reconnect_timeout)
+    logger.info("%s: connecting to %s", client_id, server)
+    return client.run()
+

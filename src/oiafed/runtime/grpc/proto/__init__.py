@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf modules of the deployment wire (source: ``oiafed.proto``)."""

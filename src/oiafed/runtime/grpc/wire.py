@@ -1,0 +1,114 @@
+"""What both ends of the wire share: protocol version, chunking, channel options, digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from oiafed.config import ExperimentConfig
+from oiafed.exceptions import InputError
+from oiafed.runtime.codec import WireError
+
+PROTOCOL = 1
+"""Wire protocol version; a client of another version is refused at its Hello."""
+
+CHUNK_SIZE = 1 << 20
+"""Bytes of weights per Chunk message, well under gRPC's 4 MiB message limit."""
+
+MAX_MESSAGE = 4 << 20
+"""The largest single message either side accepts."""
+
+KEEPALIVE = [
+    # Pings find a peer that vanished without closing its connection (a machine that lost
+    # power or its network) within about keepalive_time + keepalive_timeout.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS = [
+    *KEEPALIVE,
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+
+CLIENT_OPTIONS = [
+    *KEEPALIVE,
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+
+
+def chunks(payload: bytes, size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """``payload`` cut into pieces of at most ``size`` bytes (none for an empty payload)."""
+    view = memoryview(payload)
+    for start in range(0, len(payload), size):
+        yield bytes(view[start:start + size])
+
+
+class Assembler:
+    """Collects the chunks of one payload of a declared size.
+
+    Raises:
+        WireError: when the chunks exceed the declared size.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        if size > limit:
+            raise WireError(f"a payload of {size} bytes is over the limit of {limit} bytes")
+        self.size = size
+        self.received = 0
+        self.parts: list[bytes] = []
+
+    def add(self, data: bytes) -> bool:
+        """Add a chunk; True once the payload is complete."""
+        self.received += len(data)
+        if self.received > self.size:
+            raise WireError(f"more bytes than the {self.size} declared")
+        self.parts.append(data)
+        return self.done
+
+    @property
+    def done(self) -> bool:
+        return self.received == self.size
+
+    def payload(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def model_digest(cfg: ExperimentConfig) -> str:
+    """A digest of the model section: server and clients must build the same model."""
+    section = json.dumps(cfg.model.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(section.encode("utf-8")).hexdigest()
+
+
+def parse_address(address: str, flag: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) split and checked.
+
+    Raises:
+        InputError: when it is not of that form.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InputError(f"{flag} must look like HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def fit_config_json(config: dict[str, Any]) -> str:
+    """The per-round fit config as JSON (values must be JSON-able: numbers, strings, lists...).
+
+    Raises:
+        WireError: naming the key whose value cannot travel.
+    """
+    try:
+        return json.dumps(config, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"trainer.fit_config cannot be sent to clients as JSON: {exc}") from exc
