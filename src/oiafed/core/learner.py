@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from oiafed.callbacks.base import CallbackManager
+from oiafed.client_state import ClientStateStore
 from oiafed.core.types import ClientUpdate, Weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError
@@ -25,6 +26,16 @@ class Learner:
     ``round_num`` describe the client being trained. Callbacks may read and change
     ``learner.model`` and ``learner.optimizer`` (its learning rate, say) from epoch hooks.
 
+    Per-client state: with ``client_state: true``, ``learner.client_state`` is the dict of the
+    client being trained (tensors and JSON-able values, empty the first time), loaded from
+    ``learner.state_store`` (a ``ClientStateStore``) before its first epoch and stored back
+    after its last, for a subclass or an epoch hook to keep what it needs between the rounds a
+    client is sampled in. At most ``client_state_memory`` clients' states stay in memory; the
+    others spill to ``client_state_dir`` (default: a temporary folder, removed at exit). The
+    store belongs to this learner's process: runtimes that train a client in several processes
+    need a shared ``client_state_dir`` and ``client_state_memory: 0`` (write-through). It is not
+    part of a run's checkpoint. Otherwise ``client_state`` is None.
+
     Args:
         epochs: local passes over the data per round.
         batch_size: minibatch size.
@@ -32,9 +43,13 @@ class Learner:
         optimizer: ``sgd``, ``adam`` or ``adamw``.
         momentum: SGD momentum.
         weight_decay: L2 penalty (decoupled for adamw).
+        client_state: keep per-client state in ``learner.client_state`` (see above).
+        client_state_memory: most clients' states kept in memory (0: always on disk).
+        client_state_dir: folder clients' states spill to (relative to the working directory).
 
     Raises:
-        ConfigError: on a non-positive ``epochs``/``batch_size``/``lr`` or an unknown optimizer.
+        ConfigError: on a non-positive ``epochs``/``batch_size``/``lr``, an unknown optimizer or
+            a negative ``client_state_memory``.
 
     YAML:
         learner:
@@ -50,6 +65,9 @@ class Learner:
         optimizer: str = "sgd",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        client_state: bool = False,
+        client_state_memory: int = 1000,
+        client_state_dir: str | None = None,
     ) -> None:
         if epochs < 1 or batch_size < 1 or lr <= 0:
             raise ConfigError(
@@ -60,6 +78,8 @@ class Learner:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
         if momentum < 0 or weight_decay < 0:
             raise ConfigError("momentum and weight_decay must be >= 0")
+        if client_state_memory < 0:
+            raise ConfigError(f"client_state_memory must be >= 0, got {client_state_memory}")
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -71,6 +91,9 @@ class Learner:
         self.client_id: str | None = None
         self.round_num: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.state_store = (ClientStateStore(client_state_memory, client_state_dir)
+                            if client_state else None)
+        self.client_state: dict[str, Any] | None = None
 
     def setup(self, model: nn.Module, callbacks: CallbackManager) -> None:
         """Give the learner its own model object and the callbacks its epoch hooks run."""
@@ -112,6 +135,8 @@ class Learner:
         self.round_num = round_num
         self.model.load_state_dict(weights)
         self.optimizer = self.make_optimizer((config or {}).get("lr", self.lr))
+        store = self.state_store
+        self.client_state = store.get(client_id, {}) if store is not None else None
         generator = torch.Generator().manual_seed(seed)
         # The CPU generator only: torch.manual_seed also queues lazy seeding of every
         # accelerator backend, which costs ~0.3 ms per client.
@@ -124,6 +149,8 @@ class Learner:
             metrics = self.train_epoch(data, generator)
             if hooks.implements("on_epoch_end"):
                 await hooks.on_epoch_end(self, epoch, metrics)
+        if store is not None:
+            store.put(client_id, self.client_state)
         new_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return ClientUpdate(client_id, len(data), dict(metrics), new_weights)
 
