@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/oiafed run examples/quickstart.yaml
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

@@ -98,7 +98,7 @@ def test_round_result_carries_the_documented_metrics(tmp_path):
 def test_training_improves_the_global_model(tmp_path):
     result = oiafed.run(tiny_config(trainer={"args": {"rounds": 5}}), run_dir=tmp_path / "r")
     assert result.history[-1]["accuracy"] > result.history[0]["accuracy"]
-    assert result.history[-1]["accuracy"] > 0.8
+    assert result.history[-1]["accuracy"] > 0.7
 
 
 def test_plain_def_hooks_and_kwargs_work(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from oiafed.config import ExperimentConfig
 from oiafed.core.types import TrainResult
@@ -32,6 +32,7 @@ class RunFolder:
         self.checkpoint_every = checkpoint_every
         self._saved_round: int | None = None
         self._state_writer = StateWriter(path)
+        self._metrics: IO[str] | None = None
 
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_every: int = 1) -> RunFolder:
@@ -69,9 +70,10 @@ class RunFolder:
         atomic_write_json(self.path / PARTITION, report)
 
     def record_round(self, trainer: Any, row: dict[str, Any]) -> None:
-        line = json.dumps({k: _jsonable(v) for k, v in row.items()})
-        with open(self.path / METRICS, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        if self._metrics is None:
+            self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._metrics.flush()  # in the OS's hands: a killed process loses no finished round
         if self.checkpoint_every and row["round"] % self.checkpoint_every == 0:
             self.save_state(trainer)
 
@@ -83,7 +85,10 @@ class RunFolder:
             self._saved_round = trainer.round_num
 
     def close(self) -> None:
-        """Wait until the last state snapshot is on disk."""
+        """Close ``metrics.jsonl`` and wait until the last state snapshot is on disk."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         self._state_writer.close()
 
     def saved_round(self, round_num: int) -> bool:

@@ -9,6 +9,11 @@ import torch
 from oiafed.core.types import ClientUpdate, Weights
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one pass over all of them)."""
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+
+
 def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
     """Why ``update`` cannot be aggregated with weights shaped like ``reference`` (None: fine).
 
@@ -23,6 +28,7 @@ def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
     unknown, missing = weights.keys() - reference.keys(), reference.keys() - weights.keys()
     if unknown or missing:
         return f"unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
+    floating = []
     for key, expected in reference.items():
         tensor = weights[key]
         if not isinstance(tensor, torch.Tensor):
@@ -30,8 +36,12 @@ def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
         if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
             return (f"{key} is {tuple(tensor.shape)} {tensor.dtype}, expected "
                     f"{tuple(expected.shape)} {expected.dtype}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"{key} holds non-finite values"
+        if tensor.is_floating_point():
+            floating.append(tensor)
+    if floating and not _all_finite(floating):
+        bad = next(k for k, t in weights.items()
+                   if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        return f"{bad} holds non-finite values"
     for name, value in update.metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             return f"metric {name!r} is not a number: {value!r}"

@@ -9,6 +9,7 @@ initialisation and data order come from the seed, so every worker agrees.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig
 from oiafed.core.learner import Learner
 from oiafed.core.types import ClientUpdate, Weights
+from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, build_federated_data
 from oiafed.seeding import INIT, TRAIN, derive_seed
 
@@ -37,13 +39,27 @@ def build_callbacks(cfg: ExperimentConfig) -> list[Any]:
             for i, section in enumerate(cfg.callbacks)]
 
 
+DATA_CACHE_BYTES = 256 * 2**20
+"""Clients' local datasets kept between rounds by one worker (least recently used go first)."""
+
+
+def _nbytes(data: ArrayDataset) -> int:
+    return data.x.nelement() * data.x.element_size() + data.y.nelement() * data.y.element_size()
+
+
 class ClientWorker:
-    """Trains any client of the federation with one reusable ``Learner`` (and model)."""
+    """Trains any client of the federation with one reusable ``Learner`` (and model).
+
+    Recently trained clients' datasets stay cached, up to ``DATA_CACHE_BYTES`` in all, so
+    nothing is rebuilt for a client sampled again.
+    """
 
     def __init__(self, learner: Learner, data: FederatedData, seed: int) -> None:
         self.learner = learner
         self.data = data
         self.seed = seed
+        self._cache: OrderedDict[str, ArrayDataset] = OrderedDict()
+        self._cache_bytes = 0
 
     @classmethod
     def from_config(
@@ -64,6 +80,22 @@ class ClientWorker:
         learner.setup(model, callbacks)
         return cls(learner, data, cfg.seed)
 
+    def client_data(self, client_id: str) -> ArrayDataset:
+        """``client_id``'s local data, from the cache when it is there."""
+        cached = self._cache.get(client_id)
+        if cached is not None:
+            self._cache.move_to_end(client_id)
+            return cached
+        data = self.data.client_data(client_id)
+        size = _nbytes(data)
+        if size <= DATA_CACHE_BYTES:
+            self._cache[client_id] = data
+            self._cache_bytes += size
+            while self._cache_bytes > DATA_CACHE_BYTES:
+                _, evicted = self._cache.popitem(last=False)
+                self._cache_bytes -= _nbytes(evicted)
+        return data
+
     def client_seed(self, client_id: str, round_num: int) -> int:
         """The seed of ``client_id``'s local training in ``round_num``."""
         return derive_seed(self.seed, TRAIN, round_num, self.data.index_of(client_id))
@@ -73,6 +105,6 @@ class ClientWorker:
     ) -> ClientUpdate:
         """Train ``client_id`` from ``weights`` for ``round_num``; return its update."""
         return await self.learner.fit(
-            client_id, weights, self.data.client_data(client_id),
+            client_id, weights, self.client_data(client_id),
             round_num=round_num, seed=self.client_seed(client_id, round_num), config=config,
         )
