@@ -118,7 +118,7 @@ class FederationClient:
             ServerUnreachable: when no connection could be made for ``reconnect_timeout``.
         """
         last_seen = time.monotonic()
-        delay = 0.1
+        delay, last_error = 0.1, ""
         while True:
             try:
                 return self._session()
@@ -133,9 +133,15 @@ class FederationClient:
                 if self.security.tls and any(w in details.lower() for w in TLS_FAILURES):
                     raise RefusedError(f"TLS with {self.server} failed: {details}") from None
                 logger.debug("cannot reach %s: %s %s", self.server, code.name, details)
+                last_error = f"{code.name}: {details}"
             if time.monotonic() - last_seen > self.reconnect_timeout:
+                hint = ""
+                if "socket closed" in last_error.lower():
+                    hint = ("; the server took the connection and closed it: does it use TLS "
+                            "(--tls-ca) or mutual TLS (--tls-cert, --tls-key)?")
                 raise ServerUnreachable(
-                    f"could not reach the server {self.server} for {self.reconnect_timeout:g}s")
+                    f"could not reach the server {self.server} for {self.reconnect_timeout:g}s "
+                    f"(last error: {last_error or 'none'}){hint}")
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
