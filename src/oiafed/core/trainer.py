@@ -246,15 +246,16 @@ class Trainer:
         O(number of weights given).
         """
         weights, self.client_selection_weights = self.client_selection_weights, None
-        gen = rng(self.seed, SAMPLING, round_num)
         k = self.num_sampled
         if weights is not None:
             ids, probs = self._selection_probabilities(weights)
+            gen = rng(self.seed, SAMPLING, round_num)
             picked = gen.choice(len(ids), size=min(k, len(ids)), replace=False, p=probs)
             return [ids[i] for i in sorted(picked)]
         total = len(self.client_ids)
         if k == total:
             return list(self.client_ids)
+        gen = rng(self.seed, SAMPLING, round_num)
         return [self.client_ids[i] for i in sorted(gen.choice(total, size=k, replace=False))]
 
     def _selection_probabilities(self, weights: Any) -> tuple[list[str], np.ndarray]:

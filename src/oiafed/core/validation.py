@@ -25,8 +25,8 @@ def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
     weights = update.weights
     if not isinstance(weights, dict):
         return f"weights must be a dict of tensors, got {type(weights).__name__}"
-    unknown, missing = weights.keys() - reference.keys(), reference.keys() - weights.keys()
-    if unknown or missing:
+    if weights.keys() != reference.keys():
+        unknown, missing = weights.keys() - reference.keys(), reference.keys() - weights.keys()
         return f"unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
     floating = []
     for key, expected in reference.items():
