@@ -120,11 +120,13 @@ def _report(result: TrainResult, console: Console) -> None:
 
 def _server(args: argparse.Namespace, console: Console) -> None:
     from oiafed.runtime.grpc import ServerSecurity, use_security
+    from oiafed.runtime.grpc.wire import parse_address
 
     if args.config and "=" in args.config:
         if not args.resume:
             raise InputError(f"the first argument must be the config file, got {args.config!r}")
         args.overrides, args.config = [args.config, *args.overrides], None
+    parse_address(args.address, "--address")
     security = ServerSecurity.from_options(
         token_file=args.token_file, no_token=args.no_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
@@ -142,7 +144,9 @@ def _server(args: argparse.Namespace, console: Console) -> None:
 def _client(args: argparse.Namespace, console: Console) -> int:
     from oiafed.runtime.grpc import ClientSecurity
     from oiafed.runtime.grpc.client import ServerUnreachable, run_client
+    from oiafed.runtime.grpc.wire import parse_address
 
+    parse_address(args.server, "--server")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.reconnect_timeout <= 0:
