@@ -455,6 +455,9 @@ class ParallelRuntime:
     def _shutdown(self) -> None:
         procs, self._procs = self._procs, []
         for proc in procs:
+            if proc.state == "starting":  # nothing to lose, and it may take seconds to listen
+                proc.kill()
+                continue
             with contextlib.suppress(OSError):
                 proc.send(encode_json({"op": "stop"}))
         deadline = time.monotonic() + STOP_GRACE
