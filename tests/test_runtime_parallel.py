@@ -261,7 +261,7 @@ def test_an_exception_in_local_training_is_a_client_failure_or_stops_a_strict_ru
     failures = [t for t in recorder.trace if t[0] == "on_client_failure"]
     assert failures == [("on_client_failure", "client_2", "ValueError: cannot train client_2")]
     assert result.history[0]["num_clients"] == 3
-    with pytest.raises(WorkerError, match="client_2 failed in a worker process.*cannot train"):
+    with pytest.raises(WorkerError, match=r"client_2 failed in a worker process.*cannot train"):
         oiafed.run(parallel({**config, "strict": True}), run_dir=tmp_path / "strict")
     assert no_workers_left()
 
@@ -275,7 +275,7 @@ def test_a_worker_that_cannot_start_fails_the_run_clearly(tmp_path, user_module,
     monkeypatch.setenv("PYTHONPATH", str(module.parent))
     config = parallel(tiny_config(imports=["oiafed_test_driver_only"]))
     started = time.monotonic()
-    with pytest.raises(WorkerError, match="failed to start.*refuses to load in a worker"):
+    with pytest.raises(WorkerError, match=r"failed to start.*refuses to load in a worker"):
         oiafed.run(config, run_dir=tmp_path / "run")
     assert time.monotonic() - started < 120
     assert no_workers_left()
