@@ -31,15 +31,14 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig
 from oiafed.core.types import ClientUpdate, Weights
 from oiafed.exceptions import InputError, OiafedError
-from oiafed.runtime.codec import WireError, decode_weights, encode_weights
+from oiafed.runtime.codec import WireError
 from oiafed.runtime.grpc.auth import ClientSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
+from oiafed.runtime.grpc.tensors import Assembler, encode_chunks
 from oiafed.runtime.grpc.wire import (
     CLIENT_OPTIONS,
     PROTOCOL,
-    Assembler,
-    chunks,
     model_digest,
     parse_address,
 )
@@ -192,13 +191,13 @@ class FederationClient:
             if kind == "task":
                 task, assembler = message.task, Assembler(message.task.size, MAX_PAYLOAD)
                 if assembler.done:
-                    self._answer(task, assembler.payload(), outbox)
+                    self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "chunk":
                 if task is None or message.chunk.task_id != task.task_id:
                     continue
                 if assembler.add(message.chunk.data):
-                    self._answer(task, assembler.payload(), outbox)
+                    self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "finish":
                 outbox.put(None)  # half-close: the server sees the end of our stream
@@ -207,23 +206,22 @@ class FederationClient:
                 return Finished(message.finish.ok, message.finish.reason)
         raise _Dropped("the server ended the stream without finishing the run")
 
-    def _answer(self, task: pb.TrainTask, payload: bytes,
+    def _answer(self, task: pb.TrainTask, assembler: Assembler,
                 outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
         try:
             work = Task(task.round, task.seed, json.loads(task.config_json or "{}"),
-                        decode_weights(payload))
-            del payload
+                        assembler.weights())
             update = self.train(work)
-            data = encode_weights(update.weights)
+            size, pieces = encode_chunks(update.weights)
         except Exception as exc:
             logger.exception("round %d: training failed", task.round)
             outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
                                                            error=f"{type(exc).__name__}: {exc}")))
             return
         outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
-            task_id=task.task_id, num_samples=update.num_samples, size=len(data),
+            task_id=task.task_id, num_samples=update.num_samples, size=size,
             metrics={k: float(v) for k, v in update.metrics.items()})))
-        for piece in chunks(data):
+        for piece in pieces:
             outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
 
 

@@ -23,15 +23,14 @@ import grpc
 
 from oiafed.core.types import ClientFailure, ClientUpdate, Weights
 from oiafed.exceptions import InputError, OiafedError
-from oiafed.runtime.codec import WireError, decode_weights, encode_weights
+from oiafed.runtime.codec import WireError
 from oiafed.runtime.grpc.auth import ServerSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
+from oiafed.runtime.grpc.tensors import Assembler, encode_chunks
 from oiafed.runtime.grpc.wire import (
     PROTOCOL,
     SERVER_OPTIONS,
-    Assembler,
-    chunks,
     fit_config_json,
     is_loopback,
     model_digest,
@@ -137,13 +136,13 @@ class GrpcRuntime(pb_grpc.FederationServicer):
                     config: dict[str, Any]) -> list[ClientUpdate | ClientFailure]:
         """Send this round's task to every client in ``client_ids``; their outcomes in order."""
         await self._fire_joins()
-        payload = encode_weights(weights)
+        size, pieces = encode_chunks(weights)
         # An update holds the same tensors as the global weights: anything much larger is not one.
-        self._limit = 2 * len(payload) + (1 << 20)
+        self._limit = 2 * size + (1 << 20)
         self._next_task += 1
         task_id = self._next_task
         messages = [pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
-                    for piece in chunks(payload)]
+                    for piece in pieces]
         config_json = fit_config_json(config)
         timeout = self.trainer.round_timeout
         loop = asyncio.get_running_loop()
@@ -152,7 +151,7 @@ class GrpcRuntime(pb_grpc.FederationServicer):
         # Below the quorum, a round waits (up to its deadline) for missing clients to come back.
         wait_join = deadline is not None and connected < self.trainer.min_clients
         return list(await asyncio.gather(*(
-            self._train_one(cid, round_num, task_id, config_json, len(payload), messages,
+            self._train_one(cid, round_num, task_id, config_json, size, messages,
                             deadline, wait_join)
             for cid in client_ids
         )))
@@ -265,7 +264,7 @@ class GrpcRuntime(pb_grpc.FederationServicer):
             return  # given up on already (deadline)
         header = task.header
         try:
-            weights = decode_weights(task.assembler.payload())
+            weights = task.assembler.weights()
         except WireError as exc:
             task.resolve(ClientFailure(session.client_id, f"malformed update: {exc}"))
             return

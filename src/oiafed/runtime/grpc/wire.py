@@ -1,10 +1,9 @@
-"""What both ends of the wire share: protocol version, chunking, channel options, digests."""
+"""What both ends of the wire share: protocol version, channel options, digests, addresses."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from typing import Any
 
 from oiafed.config import ExperimentConfig
@@ -13,9 +12,6 @@ from oiafed.runtime.codec import WireError
 
 PROTOCOL = 1
 """Wire protocol version; a client of another version is refused at its Hello."""
-
-CHUNK_SIZE = 1 << 20
-"""Bytes of weights per Chunk message, well under gRPC's 4 MiB message limit."""
 
 MAX_MESSAGE = 4 << 20
 """The largest single message either side accepts."""
@@ -41,43 +37,6 @@ CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
 ]
-
-
-def chunks(payload: bytes, size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """``payload`` cut into pieces of at most ``size`` bytes (none for an empty payload)."""
-    view = memoryview(payload)
-    for start in range(0, len(payload), size):
-        yield bytes(view[start:start + size])
-
-
-class Assembler:
-    """Collects the chunks of one payload of a declared size.
-
-    Raises:
-        WireError: when the chunks exceed the declared size.
-    """
-
-    def __init__(self, size: int, limit: int) -> None:
-        if size > limit:
-            raise WireError(f"a payload of {size} bytes is over the limit of {limit} bytes")
-        self.size = size
-        self.received = 0
-        self.parts: list[bytes] = []
-
-    def add(self, data: bytes) -> bool:
-        """Add a chunk; True once the payload is complete."""
-        self.received += len(data)
-        if self.received > self.size:
-            raise WireError(f"more bytes than the {self.size} declared")
-        self.parts.append(data)
-        return self.done
-
-    @property
-    def done(self) -> bool:
-        return self.received == self.size
-
-    def payload(self) -> bytes:
-        return b"".join(self.parts)
 
 
 def model_digest(cfg: ExperimentConfig) -> str:

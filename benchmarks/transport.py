@@ -1,0 +1,177 @@
+"""What the gRPC runtime costs: model round trips on loopback, and per-round overhead.
+
+1. Round trip. A ``GrpcRuntime`` server in this process and one client process (this script
+   with ``--echo-client``) on 127.0.0.1, token on, no TLS. Each repetition is one
+   ``runtime.train`` call: the server encodes the global weights (safetensors), streams them in
+   1 MiB chunks, the client reassembles and decodes them, "trains" (returns them unchanged),
+   encodes and streams its update back, and the server reassembles and decodes it. Printed:
+   the median and best round-trip time of ``--params`` float32 parameters (default 10M =
+   40 MB), and the effective throughput, bytes moved both ways / round-trip time (the update's
+   size / round-trip time is printed too: half of it).
+
+2. Per-round overhead. ``examples/quickstart.yaml`` (10 clients, an MLP on digits, 2 local
+   epochs) run with ``runtime.mode: serial`` and ``grpc`` (a loopback deployment, one client
+   process per client), ``--rounds`` rounds each, alternating, ``--reps`` times. Each run's
+   per-round time is the median ``round_time`` of its rounds after the first (process start
+   and warm-up excluded); printed: the median over repetitions for each mode and the overhead
+   ``grpc / serial - 1``. Every process uses ``--threads`` torch threads (default 1) so both
+   modes do the same work per client; note that the gRPC clients train concurrently, so on a
+   machine with free cores it can be faster than serial.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/transport.py                   # both parts
+    .venv/bin/python benchmarks/transport.py --part roundtrip --params 10000000 --reps 10
+    .venv/bin/python benchmarks/transport.py --part overhead --rounds 10 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+
+
+class _Trainer:
+    """What a ``GrpcRuntime`` reads from its trainer, for a server without one."""
+
+    def __init__(self) -> None:
+        from oiafed import CallbackManager
+
+        self.client_ids = ["client_0"]
+        self.callbacks = CallbackManager()
+        self.min_clients, self.round_timeout = 1, None
+        self.config, self.run_dir = None, None
+        self.history: list[dict[str, Any]] = []
+        self.round_num, self.rounds, self.should_stop = 0, 1, False
+
+
+class _Seeds:
+    def client_seed(self, client_id: str, round_num: int) -> int:
+        return round_num
+
+
+def echo_client(port: int) -> None:
+    """The client side of part 1: return every task's weights unchanged."""
+    from oiafed import ClientUpdate
+    from oiafed.runtime.grpc import ClientSecurity
+    from oiafed.runtime.grpc.client import FederationClient
+
+    def train(task: Any) -> ClientUpdate:
+        return ClientUpdate("client_0", 1, {"accuracy": 0.0, "loss": 0.0}, task.weights)
+
+    FederationClient(f"127.0.0.1:{port}", "client_0", train,
+                     ClientSecurity(os.environ["OIAFED_TOKEN"])).run()
+
+
+async def _round_trips(params: int, reps: int) -> list[float]:
+    from oiafed.runtime.grpc import GrpcRuntime, ServerSecurity
+
+    token = secrets.token_urlsafe(16)
+    runtime = GrpcRuntime(_Seeds(), "127.0.0.1:0", ServerSecurity(token), min_join=0)
+    await runtime.start(_Trainer())
+    client = subprocess.Popen([sys.executable, __file__, "--echo-client", str(runtime.port)],
+                              env={**os.environ, "OIAFED_TOKEN": token})
+    try:
+        deadline = time.monotonic() + 120
+        while "client_0" not in runtime.sessions:
+            if time.monotonic() > deadline or client.poll() is not None:
+                raise RuntimeError("the echo client did not join")
+            await asyncio.sleep(0.05)
+        weights = {"w": torch.randn(params)}
+        times = []
+        for rep in range(reps + 2):  # two warm-ups
+            started = time.perf_counter()
+            (update,) = await runtime.train(rep + 1, ["client_0"], weights, {})
+            elapsed = time.perf_counter() - started
+            if not torch.equal(update.weights["w"], weights["w"]):
+                raise RuntimeError(f"the update came back different: {update}")
+            if rep >= 2:
+                times.append(elapsed)
+        return times
+    finally:
+        await runtime.close()
+        try:
+            client.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+
+
+def round_trip(params: int, reps: int) -> None:
+    size = params * 4
+    times = asyncio.run(_round_trips(params, reps))
+    median, best = statistics.median(times), min(times)
+    print(f"round trip of {params:,} float32 parameters ({size / 1e6:.1f} MB each way), "
+          f"{reps} repetitions:")
+    print(f"  time        median {median * 1e3:8.1f} ms   best {best * 1e3:8.1f} ms")
+    print(f"  throughput  median {2 * size / median / 1e6:8.0f} MB/s best {2 * size / best / 1e6:8.0f} MB/s"
+          "   (bytes both ways / round trip; goal >= 500)")
+    print(f"  update size / round trip: median {size / median / 1e6:.0f} MB/s")
+
+
+def _per_round(mode: str, rounds: int, threads: int) -> tuple[float, float]:
+    import oiafed
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = oiafed.run(QUICKSTART, run_dir=Path(folder) / "run", overrides={
+            "runtime.mode": mode, "runtime.threads": threads, "trainer.args.rounds": rounds})
+        total = time.perf_counter() - started
+    return statistics.median(row["round_time"] for row in result.history[1:]), total
+
+
+def overhead(rounds: int, reps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    per_round: dict[str, list[float]] = {"serial": [], "grpc": []}
+    totals: dict[str, list[float]] = {"serial": [], "grpc": []}
+    for rep in range(reps):
+        for mode in (("serial", "grpc") if rep % 2 == 0 else ("grpc", "serial")):
+            seconds, total = _per_round(mode, rounds, threads)
+            per_round[mode].append(seconds)
+            totals[mode].append(total)
+    serial, grpc = statistics.median(per_round["serial"]), statistics.median(per_round["grpc"])
+    print(f"quickstart ({QUICKSTART.name}: 10 clients, MLP, 2 epochs), {rounds} rounds, "
+          f"{reps} repetitions, {threads} torch thread(s) per process, {os.cpu_count()} CPUs:")
+    for mode in ("serial", "grpc"):
+        print(f"  {mode:6s} per round (median after round 1) "
+              f"{statistics.median(per_round[mode]) * 1e3:7.1f} ms   "
+              f"whole run {statistics.median(totals[mode]):6.1f} s")
+    print(f"  per-round overhead of grpc over serial: {(grpc / serial - 1) * 100:+.1f} % "
+          "(goal <= 25 %)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["roundtrip", "overhead", "all"], default="all")
+    parser.add_argument("--params", type=int, default=10_000_000)
+    parser.add_argument("--reps", type=int, default=None,
+                        help="repetitions (default: 10 round trips, 3 runs per mode)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--echo-client", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_client is not None:
+        echo_client(args.echo_client)
+        return
+    if args.part in ("roundtrip", "all"):
+        round_trip(args.params, args.reps or 10)
+    if args.part in ("overhead", "all"):
+        overhead(args.rounds, args.reps or 3, args.threads)
+
+
+if __name__ == "__main__":
+    main()
