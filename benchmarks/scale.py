@@ -14,7 +14,8 @@ running it, one fresh subprocess runs a few rounds and reports:
 Ways of running it: ``serial``, ``parallel`` and ``ray`` (oiafed runtimes; ``--workers``
 processes or actors, one torch thread each) and ``plain``, a hand-written PyTorch FedAvg loop
 over the same data (oiafed's LEAF generator) and model. A runtime that does not import yet is
-listed as n/a. Serial and plain use one torch thread.
+listed as n/a. Serial and plain use one torch thread. ``speedup vs serial`` is serial's
+s/round over the row's: the parallel speedup, or for ``plain`` oiafed's overhead factor.
 
 Workloads, both on LEAF Synthetic(0.5, 0.5) with 50 samples per client (40 train, 10 held out;
 the global test set is 100 clients' held-out data), with the quickstart's learner (2 local
