@@ -15,7 +15,7 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig, load_config
 from oiafed.core.trainer import Trainer
 from oiafed.core.types import TrainResult
-from oiafed.data.federated import FederatedData, build_federated_data
+from oiafed.data.federated import FederatedSource, build_federated_data
 from oiafed.exceptions import InputError
 from oiafed.run_folder import CONFIG as CONFIG_FILE
 from oiafed.run_folder import RunFolder
@@ -32,7 +32,7 @@ class Experiment:
     """Everything a run is made of, built from a validated config."""
 
     config: ExperimentConfig
-    data: FederatedData
+    data: FederatedSource
     trainer: Trainer
     callbacks: CallbackManager
 

@@ -21,11 +21,11 @@ from oiafed.config import ExperimentConfig
 from oiafed.core.learner import Learner
 from oiafed.core.types import ClientUpdate, Weights
 from oiafed.data.arrays import ArrayDataset
-from oiafed.data.federated import FederatedData, build_federated_data
+from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
 from oiafed.seeding import INIT, TRAIN, derive_seed
 
 
-def build_model(cfg: ExperimentConfig, data: FederatedData) -> nn.Module:
+def build_model(cfg: ExperimentConfig, data: FederatedSource) -> nn.Module:
     """The configured model, initialised from the seed (without touching the global RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, INIT))
@@ -50,11 +50,12 @@ def _nbytes(data: ArrayDataset) -> int:
 class ClientWorker:
     """Trains any client of the federation with one reusable ``Learner`` (and model).
 
-    Recently trained clients' datasets stay cached, up to ``DATA_CACHE_BYTES`` in all, so
-    nothing is rebuilt for a client sampled again.
+    For a partitioned pool, recently trained clients' datasets stay cached (up to
+    ``DATA_CACHE_BYTES`` in all), so nothing is copied again for a client sampled again;
+    on-demand sources keep their own bounded cache.
     """
 
-    def __init__(self, learner: Learner, data: FederatedData, seed: int) -> None:
+    def __init__(self, learner: Learner, data: FederatedSource, seed: int) -> None:
         self.learner = learner
         self.data = data
         self.seed = seed
@@ -67,7 +68,7 @@ class ClientWorker:
         cfg: ExperimentConfig,
         *,
         callbacks: CallbackManager | None = None,
-        data: FederatedData | None = None,
+        data: FederatedSource | None = None,
         model: nn.Module | None = None,
     ) -> ClientWorker:
         """Build a worker; without ``callbacks`` it builds the configured ones itself."""
@@ -88,7 +89,7 @@ class ClientWorker:
             return cached
         data = self.data.client_data(client_id)
         size = _nbytes(data)
-        if size <= DATA_CACHE_BYTES:
+        if isinstance(self.data, FederatedData) and size <= DATA_CACHE_BYTES:
             self._cache[client_id] = data
             self._cache_bytes += size
             while self._cache_bytes > DATA_CACHE_BYTES:
