@@ -344,3 +344,52 @@ def test_a_client_can_train_on_a_local_dataset(tmp_path):
     update = train(Task(1, 7, {"lr": 0.05}, model.state_dict()))
     assert update.num_samples == 1797  # all of digits, not a quarter of 80 % of it
     assert update.weights.keys() == model.state_dict().keys()
+
+
+ECHO_CLIENT = """
+import os, sys
+from oiafed import ClientUpdate
+from oiafed.runtime.grpc import ClientSecurity
+from oiafed.runtime.grpc.client import FederationClient
+
+def train(task):
+    return ClientUpdate("client_0", 1, {"accuracy": 1.0, "loss": 0.0}, task.weights)
+
+FederationClient(sys.argv[1], "client_0", train, ClientSecurity(os.environ["OIAFED_TOKEN"])).run()
+"""
+
+
+def test_a_frozen_client_process_is_dropped_without_a_round_timeout():
+    """SIGSTOP: the socket stays open but nothing answers; keepalive pings find it out."""
+    import asyncio
+
+    from oiafed.runtime.grpc import GrpcRuntime, ServerSecurity
+    from test_grpc_transport import Seeds, make_trainer
+
+    trainer = make_trainer(1)  # round_timeout None: only the connection can tell
+    weights = {"w": torch.zeros(3)}
+
+    async def scenario():
+        runtime = GrpcRuntime(Seeds(), "127.0.0.1:0", ServerSecurity("token"), min_join=0)
+        await runtime.start(trainer)
+        client = subprocess.Popen([sys.executable, "-c", ECHO_CLIENT, f"127.0.0.1:{runtime.port}"],
+                                  env={**os.environ, "OIAFED_TOKEN": "token"})
+        try:
+            deadline = time.monotonic() + 120
+            while "client_0" not in runtime.sessions:
+                assert time.monotonic() < deadline and client.poll() is None
+                await asyncio.sleep(0.05)
+            first = await runtime.train(1, ["client_0"], weights, {})
+            client.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            second = await asyncio.wait_for(runtime.train(2, ["client_0"], weights, {}), 90)
+            return first, second, time.monotonic() - started
+        finally:
+            client.kill()
+            client.wait()
+            await runtime.close()
+
+    first, second, waited = asyncio.run(scenario())
+    assert first[0].metrics == {"accuracy": 1.0, "loss": 0.0}
+    assert second[0].error == "disconnected during the round"
+    assert waited < 45  # keepalive: a ping every 20 s, 10 s to answer
