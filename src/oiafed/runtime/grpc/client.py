@@ -250,7 +250,7 @@ def build_trainer(cfg: ExperimentConfig, client_id: str, *, local_data: bool = F
         learner = worker.learner
         try:
             data = worker.data.client_data(client_id)
-        except KeyError:
+        except (KeyError, ValueError, IndexError):
             ids = worker.data.client_ids
             raise InputError(f"unknown client id {client_id!r}: the config has {ids[0]} .. "
                              f"{ids[-1]} ({len(ids)} clients)") from None

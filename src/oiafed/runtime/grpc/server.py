@@ -8,7 +8,12 @@ connected, disconnects, is still busy with an earlier task, sends a malformed up
 the round deadline (``trainer.round_timeout``) gives a ``ClientFailure``; the trainer leaves it
 out and fails the round below its quorum (``trainer.min_clients``). Nothing here waits on a
 client without a bound: a dead connection ends its stream (the peer's socket closes, or
-keepalive pings stop being answered).
+keepalive pings go unanswered for 10 s); a live client that hangs is bounded by
+``round_timeout`` only.
+
+``on_client_join`` fires for every client that joined (or rejoined) since the previous round,
+when the runtime's ``train`` begins (after ``on_round_start``): hooks run in the trainer's
+flow, never concurrently with its own.
 """
 
 from __future__ import annotations
@@ -117,12 +122,14 @@ class GrpcRuntime(pb_grpc.FederationServicer):
         self._background: set[asyncio.Task[Any]] = set()
         self._next_task = 0
         self._limit = 0
+        self._client_set: frozenset[str] = frozenset()
 
     # -- runtime interface ------------------------------------------------------------------
 
     async def start(self, trainer: Any) -> None:
         """Listen, then wait until ``min_join`` clients have joined."""
         self.trainer = trainer
+        self._client_set = frozenset(trainer.client_ids)
         self._changed = asyncio.Event()
         try:
             await self._listen()
@@ -219,7 +226,7 @@ class GrpcRuntime(pb_grpc.FederationServicer):
                     f"the client speaks wire protocol {hello.protocol}, the server {PROTOCOL}: "
                     "run the same oiafed version on both")
         ids = self.trainer.client_ids
-        if hello.client_id not in set(ids):
+        if hello.client_id not in self._client_set:
             return (grpc.StatusCode.PERMISSION_DENIED,
                     f"unknown client id {hello.client_id!r}: this federation has "
                     f"{ids[0]} .. {ids[-1]} ({len(ids)} clients)")
