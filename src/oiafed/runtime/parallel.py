@@ -253,7 +253,6 @@ class ParallelRuntime:
         self._spawned = 0
         self._busy = threading.Lock()
         self._stop = threading.Event()
-        self._closed = False
 
     @property
     def pids(self) -> list[int]:

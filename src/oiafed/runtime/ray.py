@@ -179,8 +179,12 @@ class RayRuntime:
             old = os.environ.get("PYTHONPATH")
             paths += [old] if old else []
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 **kwargs)
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address!r}" if address else "Ray"
+            raise WorkerError(f"cannot start or reach {where}: {exc}") from exc
         self.started_ray = True
 
     def _spawn(self) -> _Actor:
