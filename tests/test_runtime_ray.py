@@ -18,6 +18,7 @@ import pytest
 
 import oiafed
 from oiafed.exceptions import ConfigError
+from oiafed.runtime.parallel import WorkerError
 from support import RegistrySnapshot, tiny_config
 from test_runtime_parallel import (
     HELPERS,
@@ -71,6 +72,12 @@ def test_a_missing_ray_is_a_config_error_naming_the_extra(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"runtime.mode.*pip install 'oiafed\[ray\]'"):
         oiafed.run(ray_config(tiny_config()), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_cluster_fails_fast_naming_the_address(tmp_path):
+    pytest.importorskip("ray")
+    with pytest.raises(WorkerError, match=r"cannot reach the Ray cluster at '127.0.0.1:1'"):
+        oiafed.run(ray_config(tiny_config(), address="127.0.0.1:1"), run_dir=tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -179,6 +180,8 @@ class RayRuntime:
             old = os.environ.get("PYTHONPATH")
             paths += [old] if old else []
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+        if address:
+            _probe(address)
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                      **kwargs)
@@ -324,6 +327,19 @@ class RayRuntime:
         if self.started_ray:
             self.started_ray = False
             await asyncio.to_thread(ray.shutdown)
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Fail fast when ``HOST:PORT`` does not accept connections (``ray.init`` would retry
+    for minutes). ``auto`` and addresses without a port are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise WorkerError(f"cannot reach the Ray cluster at {address!r} (runtime.address): "
+                          f"{exc}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
