@@ -16,7 +16,9 @@
    and warm-up excluded); printed: the median over repetitions for each mode and the overhead
    ``grpc / serial - 1``. Every process uses ``--threads`` torch threads (default 1) so both
    modes do the same work per client; note that the gRPC clients train concurrently, so on a
-   machine with free cores it can be faster than serial.
+   machine with free cores it can be faster than serial, and on a busy one slower than the
+   transport alone explains. So the transport alone is measured too: a round trip of the
+   quickstart model to 10 echo client processes (no training), as a share of a serial round.
 
 Run from the repository root:
 
@@ -48,10 +50,10 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 class _Trainer:
     """What a ``GrpcRuntime`` reads from its trainer, for a server without one."""
 
-    def __init__(self) -> None:
+    def __init__(self, clients: int = 1) -> None:
         from oiafed import CallbackManager
 
-        self.client_ids = ["client_0"]
+        self.client_ids = [f"client_{i}" for i in range(clients)]
         self.callbacks = CallbackManager()
         self.min_clients, self.round_timeout = 1, None
         self.config, self.run_dir = None, None
@@ -64,56 +66,60 @@ class _Seeds:
         return round_num
 
 
-def echo_client(port: int) -> None:
-    """The client side of part 1: return every task's weights unchanged."""
+def echo_client(port: int, client_id: str) -> None:
+    """An echo client process: returns every task's weights unchanged."""
     from oiafed import ClientUpdate
     from oiafed.runtime.grpc import ClientSecurity
     from oiafed.runtime.grpc.client import FederationClient
 
     def train(task: Any) -> ClientUpdate:
-        return ClientUpdate("client_0", 1, {"accuracy": 0.0, "loss": 0.0}, task.weights)
+        return ClientUpdate(client_id, 1, {"accuracy": 0.0, "loss": 0.0}, task.weights)
 
-    FederationClient(f"127.0.0.1:{port}", "client_0", train,
+    FederationClient(f"127.0.0.1:{port}", client_id, train,
                      ClientSecurity(os.environ["OIAFED_TOKEN"])).run()
 
 
-async def _round_trips(params: int, reps: int) -> list[float]:
+async def _round_trips(weights: dict[str, torch.Tensor], clients: int, reps: int) -> list[float]:
+    """Seconds per ``runtime.train`` of ``weights`` to ``clients`` echo client processes."""
     from oiafed.runtime.grpc import GrpcRuntime, ServerSecurity
 
     token = secrets.token_urlsafe(16)
+    trainer = _Trainer(clients)
     runtime = GrpcRuntime(_Seeds(), "127.0.0.1:0", ServerSecurity(token), min_join=0)
-    await runtime.start(_Trainer())
-    client = subprocess.Popen([sys.executable, __file__, "--echo-client", str(runtime.port)],
-                              env={**os.environ, "OIAFED_TOKEN": token})
+    await runtime.start(trainer)
+    processes = [subprocess.Popen([sys.executable, __file__, "--echo-client", str(runtime.port), cid],
+                                  env={**os.environ, "OIAFED_TOKEN": token})
+                 for cid in trainer.client_ids]
     try:
-        deadline = time.monotonic() + 120
-        while "client_0" not in runtime.sessions:
-            if time.monotonic() > deadline or client.poll() is not None:
-                raise RuntimeError("the echo client did not join")
+        deadline = time.monotonic() + 300
+        while len(runtime.sessions) < clients:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise RuntimeError("the echo clients did not join")
             await asyncio.sleep(0.05)
-        weights = {"w": torch.randn(params)}
         times = []
         for rep in range(reps + 2):  # two warm-ups
             started = time.perf_counter()
-            (update,) = await runtime.train(rep + 1, ["client_0"], weights, {})
+            outcomes = await runtime.train(rep + 1, trainer.client_ids, weights, {"lr": 0.05})
             elapsed = time.perf_counter() - started
-            if not torch.equal(update.weights["w"], weights["w"]):
-                raise RuntimeError(f"the update came back different: {update}")
+            for update in outcomes:
+                if not all(torch.equal(update.weights[k], v) for k, v in weights.items()):
+                    raise RuntimeError(f"an update came back different: {update}")
             if rep >= 2:
                 times.append(elapsed)
         return times
     finally:
         await runtime.close()
-        try:
-            client.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            client.kill()
-            client.wait()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def round_trip(params: int, reps: int) -> None:
     size = params * 4
-    times = asyncio.run(_round_trips(params, reps))
+    times = asyncio.run(_round_trips({"w": torch.randn(params)}, 1, reps))
     median, best = statistics.median(times), min(times)
     print(f"round trip of {params:,} float32 parameters ({size / 1e6:.1f} MB each way), "
           f"{reps} repetitions:")
@@ -134,8 +140,18 @@ def _per_round(mode: str, rounds: int, threads: int) -> tuple[float, float]:
     return statistics.median(row["round_time"] for row in result.history[1:]), total
 
 
+def _quickstart_weights() -> dict[str, torch.Tensor]:
+    import oiafed
+    from oiafed.data.federated import build_federated_data
+    from oiafed.runtime.worker import build_model
+
+    cfg = oiafed.load_config(QUICKSTART)
+    return build_model(cfg, build_federated_data(cfg.data, cfg.seed)).state_dict()
+
+
 def overhead(rounds: int, reps: int, threads: int) -> None:
     torch.set_num_threads(threads)
+    transport = asyncio.run(_round_trips(_quickstart_weights(), 10, 30))
     per_round: dict[str, list[float]] = {"serial": [], "grpc": []}
     totals: dict[str, list[float]] = {"serial": [], "grpc": []}
     for rep in range(reps):
@@ -152,6 +168,9 @@ def overhead(rounds: int, reps: int, threads: int) -> None:
               f"whole run {statistics.median(totals[mode]):6.1f} s")
     print(f"  per-round overhead of grpc over serial: {(grpc / serial - 1) * 100:+.1f} % "
           "(goal <= 25 %)")
+    cost = statistics.median(transport)
+    print(f"  transport alone: a round trip of the quickstart model to 10 echo client processes "
+          f"takes {cost * 1e3:.1f} ms (median of 30), {cost / serial * 100:.1f} % of a serial round")
 
 
 def main() -> None:
@@ -162,10 +181,10 @@ def main() -> None:
                         help="repetitions (default: 10 round trips, 3 runs per mode)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--echo-client", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-client", nargs=2, metavar=("PORT", "ID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_client is not None:
-        echo_client(args.echo_client)
+        echo_client(int(args.echo_client[0]), args.echo_client[1])
         return
     if args.part in ("roundtrip", "all"):
         round_trip(args.params, args.reps or 10)
