@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import oiafed
 from oiafed import Callback
+from oiafed.state import load_state
 from support import tiny_config, without_timing
 
 CALLBACKS = [
@@ -97,7 +98,7 @@ def test_resumed_run_matches_the_uninterrupted_one_in_every_output(
     for name, (round_num, weights, metrics) in theirs.items():
         assert ours[name][0] == round_num and ours[name][2] == metrics
         assert all(torch.equal(ours[name][1][k], w) for k, w in weights.items())
-    state = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["trainer"]["callbacks"]
+    state = load_state(tmp_path / "cut")["trainer"]["callbacks"]
     assert sorted(state) == ["csv_logger", "early_stopping", "lr_scheduler", "model_checkpoint",
                              "tensorboard"]
     json.dumps(state, allow_nan=False)  # callback state is plain JSON

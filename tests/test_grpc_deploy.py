@@ -25,6 +25,7 @@ import yaml
 
 import oiafed
 from oiafed import Callback
+from oiafed.state import load_state
 from support import tiny_config, without_timing
 from test_grpc_transport import make_certificates
 
@@ -300,7 +301,7 @@ def test_below_quorum_the_run_fails_cleanly_and_resumes(tmp_path, processes):
     assert "Traceback" not in output
     assert "the run stopped in round 2; the state after its last saved round is in" in " ".join(
         output.split())
-    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state = load_state(tmp_path / "run")
     assert state["trainer"]["round_num"] == 1
     client_log = (tmp_path / "run" / "clients" / "client_0.log").read_text()
     assert "client_0: the server ended the run: the run stopped in round 2" in client_log

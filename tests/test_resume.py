@@ -19,6 +19,7 @@ import yaml
 import oiafed
 from oiafed import Callback
 from oiafed.exceptions import InputError
+from oiafed.state import STATE_FILE, load_state
 from support import tiny_config, without_timing
 
 CONFIG = tiny_config(
@@ -93,7 +94,7 @@ def test_resuming_a_finished_run_changes_nothing_in_the_result(tmp_path):
 def test_a_broken_state_file_is_a_clear_error_that_changes_nothing(tmp_path, damage):
     with pytest.raises(KeyboardInterrupt):
         oiafed.run(CONFIG, run_dir=tmp_path / "run", callbacks=[Interrupt(2)])
-    state = tmp_path / "run" / "state.pt"
+    state = tmp_path / "run" / STATE_FILE
     if damage == "corrupt":
         state.write_bytes(b"not a checkpoint at all")
     elif damage == "missing":
@@ -117,16 +118,21 @@ def test_resume_rejects_a_different_config_and_a_non_run_folder(tmp_path):
     assert folder_digest(tmp_path / "run") == before
 
 
-def test_state_file_loads_with_weights_only(tmp_path):
+def test_state_file_is_safetensors_with_json_metadata(tmp_path):
+    from safetensors.torch import load_file
+
     result = oiafed.run(CONFIG, run_dir=tmp_path / "run")
-    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    raw = load_file(tmp_path / "run" / STATE_FILE)  # plain safetensors: nothing to unpickle
+    assert sum(t.numel() for t in raw.values()) >= sum(t.numel() for t in result.weights.values())
+    state = load_state(tmp_path / "run")
     assert state["trainer"]["round_num"] == 6
     assert_same_weights(state["trainer"]["weights"], result.weights)
+    assert without_timing(state["trainer"]["history"]) == without_timing(result.history)
 
 
 def test_checkpoint_every_zero_writes_no_state(tmp_path):
     oiafed.run({**CONFIG, "runtime": {"checkpoint_every": 0}}, run_dir=tmp_path / "run")
-    assert not (tmp_path / "run" / "state.pt").exists()
+    assert not (tmp_path / "run" / STATE_FILE).exists()
     with pytest.raises(InputError, match="does not exist"):
         oiafed.run(None, resume=tmp_path / "run")
 
@@ -188,5 +194,5 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == list(range(1, 9))
     assert without_timing(rows) == without_timing(whole.history)
-    final = torch.load(run_dir / "state.pt", weights_only=True)["trainer"]["weights"]
+    final = load_state(run_dir)["trainer"]["weights"]
     assert_same_weights(final, whole.weights)

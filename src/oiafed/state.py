@@ -1,8 +1,13 @@
-"""A run's resumable state: written atomically after rounds, read back with ``weights_only``."""
+"""A run's resumable state, written atomically after rounds, never pickled.
+
+The file is safetensors: every tensor of the state (global weights, RNG states, any tensor a
+component keeps) is stored as a tensor, and everything else as JSON in the file's metadata,
+where each tensor is referenced as ``{"__tensor__": name}``.
+"""
 
 from __future__ import annotations
 
-import io
+import json
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -10,12 +15,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_bytes
 
-STATE_FILE = "state.pt"
-FORMAT_VERSION = 1
+STATE_FILE = "state.safetensors"
+FORMAT_VERSION = 2
+TENSOR = "__tensor__"
 REQUIRED = ("round_num", "weights", "aggregator", "callbacks", "should_stop", "stopped_by",
             "stop_reason", "fit_config", "history")
 
@@ -39,12 +48,51 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _split_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` with each tensor moved into ``tensors`` and replaced by a reference."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous().clone()
+        return {TENSOR: name}
+    if isinstance(value, dict):
+        return {str(k): _split_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_split_tensors(v, tensors) for v in value]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
+
+
 def encode_state(trainer_state: dict[str, Any]) -> bytes:
-    """The bytes of ``state.pt``: trainer state plus the RNG states, as of now."""
-    buffer = io.BytesIO()
-    torch.save({"version": FORMAT_VERSION, "trainer": trainer_state, "rng": capture_rng()},
-               buffer)
-    return buffer.getvalue()
+    """The bytes of the state file: trainer state plus the RNG states, as of now."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split_tensors({"version": FORMAT_VERSION, "trainer": trainer_state,
+                           "rng": capture_rng()}, tensors)
+    return save_tensors(tensors, metadata={"oiafed_state": json.dumps(tree)})
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """The state dict from the bytes of a state file.
+
+    Raises:
+        ValueError: when ``data`` is not an oiafed state file.
+    """
+    try:
+        tensors = load_tensors(data)  # validates the whole file first
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size])["__metadata__"]
+        tree = json.loads(metadata["oiafed_state"])
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+    return _join_tensors(tree, tensors)
 
 
 class StateWriter:
@@ -89,8 +137,8 @@ def load_state(run_dir: Path) -> dict[str, Any]:
         raise InputError(f"cannot resume: {file} does not exist (was checkpoint_every 0, or did "
                          "the run stop before its first round ended?)")
     try:
-        state = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as exc:
+        state = decode_state(file.read_bytes())
+    except (OSError, ValueError) as exc:
         raise InputError(f"cannot resume: {file} is unreadable or corrupt ({exc})") from exc
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
         raise InputError(f"cannot resume: {file} is not an oiafed state file of version "

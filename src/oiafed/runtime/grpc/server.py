@@ -42,6 +42,7 @@ from oiafed.runtime.grpc.wire import (
     parse_address,
 )
 from oiafed.runtime.worker import ClientWorker
+from oiafed.state import STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +410,7 @@ class GrpcRuntime(pb_grpc.FederationServicer):
         run_dir = getattr(trainer, "run_dir", None)
         if run_dir is None:
             return
-        if (run_dir / "state.pt").exists():
+        if (run_dir / STATE_FILE).exists():
             logger.warning("the run stopped in round %d; the state after its last saved round "
                            "is in %s (continue with --resume %s)", trainer.round_num, run_dir,
                            run_dir)
