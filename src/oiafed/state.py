@@ -8,6 +8,7 @@ where each tensor is referenced as ``{"__tensor__": name}``.
 from __future__ import annotations
 
 import json
+import os
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,6 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from oiafed.exceptions import InputError
-from oiafed.io import atomic_write_bytes
 
 STATE_FILE = "state.safetensors"
 FORMAT_VERSION = 2
@@ -34,7 +34,7 @@ def capture_rng() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": [version, list(internal), gauss],
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
@@ -42,7 +42,7 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate((version, tuple(internal.tolist()), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
@@ -50,9 +50,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _split_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """``value`` with each tensor moved into ``tensors`` and replaced by a reference."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # serialised at once: no copy needed
         name = f"t{len(tensors)}"
-        tensors[name] = value.detach().cpu().contiguous().clone()
+        tensors[name] = value.detach().cpu().contiguous()
         return {TENSOR: name}
     if isinstance(value, dict):
         return {str(k): _split_tensors(v, tensors) for k, v in value.items()}
@@ -74,8 +74,10 @@ def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def encode_state(trainer_state: dict[str, Any]) -> bytes:
     """The bytes of the state file: trainer state plus the RNG states, as of now."""
     tensors: dict[str, torch.Tensor] = {}
-    tree = _split_tensors({"version": FORMAT_VERSION, "trainer": trainer_state,
-                           "rng": capture_rng()}, tensors)
+    rest = {k: v for k, v in trainer_state.items() if k != "history"}
+    tree = _split_tensors({"version": FORMAT_VERSION, "trainer": rest, "rng": capture_rng()},
+                          tensors)
+    tree["trainer"]["history"] = trainer_state["history"]  # metrics only: no tensors to find
     return save_tensors(tensors, metadata={"oiafed_state": json.dumps(tree)})
 
 
@@ -113,7 +115,24 @@ class StateWriter:
         self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oiafed-state")
-        self._pending = self._executor.submit(atomic_write_bytes, self.path, data)
+        self._pending = self._executor.submit(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        """Temp file, fsync, rename: the file is always a whole state, old or new.
+
+        One writer per run folder, so the temp name is fixed. The folder is not fsynced: after
+        a power cut the rename may be lost, which leaves the previous (valid) state.
+        """
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def wait(self) -> None:
         """Block until the write in flight is on disk (re-raising its error, if any)."""
