@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from oiafed import registry
+from oiafed import Callback, registry
 
 
 def tiny_config(**sections: Any) -> dict[str, Any]:
@@ -42,3 +42,37 @@ class RegistrySnapshot:
         registry._by_name.update(self._by_name)
         registry._name_by_obj.clear()
         registry._name_by_obj.update(self._name_by_obj)
+
+
+class Recorder(Callback):
+    """Records every hook with the arguments that identify the call."""
+
+    def __init__(self) -> None:
+        self.trace: list[tuple] = []
+
+    async def on_train_start(self, trainer, **kwargs):
+        self.trace.append(("on_train_start",))
+
+    async def on_train_end(self, trainer, result, **kwargs):
+        self.trace.append(("on_train_end", result.rounds_completed))
+
+    async def on_round_start(self, trainer, round_num, **kwargs):
+        self.trace.append(("on_round_start", round_num))
+
+    async def on_round_end(self, trainer, round_num, result, **kwargs):
+        self.trace.append(("on_round_end", round_num, result.round_num))
+
+    async def on_epoch_start(self, learner, epoch, **kwargs):
+        self.trace.append(("on_epoch_start", learner.client_id, epoch))
+
+    async def on_epoch_end(self, learner, epoch, metrics, **kwargs):
+        self.trace.append(("on_epoch_end", learner.client_id, epoch, sorted(metrics)))
+
+    async def on_aggregate_start(self, trainer, updates, **kwargs):
+        self.trace.append(("on_aggregate_start", [u.client_id for u in updates]))
+
+    async def on_aggregate_end(self, trainer, weights, **kwargs):
+        self.trace.append(("on_aggregate_end", sorted(weights)))
+
+    async def on_client_failure(self, trainer, client_id, error, **kwargs):
+        self.trace.append(("on_client_failure", client_id, error))

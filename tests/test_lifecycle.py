@@ -11,38 +11,7 @@ import torch
 import oiafed
 from oiafed import Callback, CallbackError, CallbackManager
 from oiafed.core.trainer import SelectionError
-from support import tiny_config, without_timing
-
-
-class Recorder(Callback):
-    """Records every hook with the arguments that identify the call."""
-
-    def __init__(self) -> None:
-        self.trace: list[tuple] = []
-
-    async def on_train_start(self, trainer, **kwargs):
-        self.trace.append(("on_train_start",))
-
-    async def on_train_end(self, trainer, result, **kwargs):
-        self.trace.append(("on_train_end", result.rounds_completed))
-
-    async def on_round_start(self, trainer, round_num, **kwargs):
-        self.trace.append(("on_round_start", round_num))
-
-    async def on_round_end(self, trainer, round_num, result, **kwargs):
-        self.trace.append(("on_round_end", round_num, result.round_num))
-
-    async def on_epoch_start(self, learner, epoch, **kwargs):
-        self.trace.append(("on_epoch_start", learner.client_id, epoch))
-
-    async def on_epoch_end(self, learner, epoch, metrics, **kwargs):
-        self.trace.append(("on_epoch_end", learner.client_id, epoch, sorted(metrics)))
-
-    async def on_aggregate_start(self, trainer, updates, **kwargs):
-        self.trace.append(("on_aggregate_start", [u.client_id for u in updates]))
-
-    async def on_aggregate_end(self, trainer, weights, **kwargs):
-        self.trace.append(("on_aggregate_end", sorted(weights)))
+from support import Recorder, tiny_config, without_timing
 
 
 def test_golden_hook_order_over_two_rounds(tmp_path):

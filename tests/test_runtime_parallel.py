@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 import oiafed
-from oiafed import Callback
 from oiafed.config import load_config
 from oiafed.runtime.parallel import ParallelRuntime, WorkerError
-from support import tiny_config, without_timing
+from support import Recorder, tiny_config, without_timing
 
 HELPERS = '''
 """Components whose code must be importable in worker processes (a user module)."""
@@ -70,40 +69,6 @@ class Fragile(Learner):
                     os.kill(os.getpid(), signal.SIGKILL)
         return await super().fit(client_id, weights, data, **kwargs)
 '''
-
-
-class Recorder(Callback):
-    """Records every hook with the arguments that identify the call (as test_lifecycle)."""
-
-    def __init__(self) -> None:
-        self.trace: list[tuple] = []
-
-    async def on_train_start(self, trainer, **kwargs):
-        self.trace.append(("on_train_start",))
-
-    async def on_train_end(self, trainer, result, **kwargs):
-        self.trace.append(("on_train_end", result.rounds_completed))
-
-    async def on_round_start(self, trainer, round_num, **kwargs):
-        self.trace.append(("on_round_start", round_num))
-
-    async def on_round_end(self, trainer, round_num, result, **kwargs):
-        self.trace.append(("on_round_end", round_num, result.round_num))
-
-    async def on_epoch_start(self, learner, epoch, **kwargs):
-        self.trace.append(("on_epoch_start", learner.client_id, epoch))
-
-    async def on_epoch_end(self, learner, epoch, metrics, **kwargs):
-        self.trace.append(("on_epoch_end", learner.client_id, epoch, sorted(metrics)))
-
-    async def on_aggregate_start(self, trainer, updates, **kwargs):
-        self.trace.append(("on_aggregate_start", [u.client_id for u in updates]))
-
-    async def on_aggregate_end(self, trainer, weights, **kwargs):
-        self.trace.append(("on_aggregate_end", sorted(weights)))
-
-    async def on_client_failure(self, trainer, client_id, error, **kwargs):
-        self.trace.append(("on_client_failure", client_id, error))
 
 
 def expected_trace(rounds: int, clients: list[str], epochs: int, *, epoch_hooks: bool

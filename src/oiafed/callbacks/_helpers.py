@@ -130,3 +130,20 @@ def resolve_path(trainer: Any, path: str | Path) -> Path:
         return target
     base = getattr(trainer, "run_dir", None)
     return (Path(base) if base is not None else Path.cwd()) / target
+
+
+def monitor_state(callback: Any) -> dict[str, Any]:
+    """The JSON-able state every metric-watching callback keeps: metric, mode, best, round."""
+    return {"metric": callback.metric, "mode": callback.mode, "best": callback.best,
+            "best_round": callback.best_round}
+
+
+def load_monitor_state(owner: str, callback: Any, state: Mapping[str, Any]) -> None:
+    """Restore ``monitor_state``'s output, refusing a state that watched another metric/mode."""
+    for key in ("metric", "mode"):
+        if key in state and state[key] != getattr(callback, key):
+            raise ConfigError(f"{owner}: saved state watches {key}={state[key]!r}, "
+                              f"this callback {key}={getattr(callback, key)!r}")
+    best = state.get("best")
+    callback.best = None if best is None else float(best)
+    callback.best_round = state.get("best_round")

@@ -13,7 +13,9 @@ from oiafed.callbacks._helpers import (
     check_int,
     check_metric_name,
     is_better,
+    load_monitor_state,
     missing_metric_message,
+    monitor_state,
     monitored_value,
 )
 from oiafed.callbacks.base import Callback
@@ -152,10 +154,7 @@ class EarlyStoppingCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """JSON-able progress: best value and round, the counter (not the best weights)."""
         return {
-            "metric": self.metric,
-            "mode": self.mode,
-            "best": self.best,
-            "best_round": self.best_round,
+            **monitor_state(self),
             "counter": self.counter,
             "seen_metric": self.seen_metric,
             "stopped_round": self.stopped_round,
@@ -163,13 +162,7 @@ class EarlyStoppingCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output (of a callback watching the same metric)."""
-        for key in ("metric", "mode"):
-            if key in state and state[key] != getattr(self, key):
-                raise ConfigError(f"{NAME}: saved state watches {key}={state[key]!r}, "
-                                  f"this callback {key}={getattr(self, key)!r}")
-        best = state.get("best")
-        self.best = None if best is None else float(best)
-        self.best_round = state.get("best_round")
+        load_monitor_state(NAME, self, state)
         self.counter = int(state.get("counter", 0))
         self.seen_metric = bool(state.get("seen_metric", self.best is not None))
         self.stopped_round = state.get("stopped_round")

@@ -13,6 +13,8 @@ from oiafed.callbacks._helpers import (
     check_int,
     check_metric_name,
     is_better,
+    load_monitor_state,
+    monitor_state,
     monitored_value,
     numeric_metrics,
     resolve_path,
@@ -162,22 +164,13 @@ class ModelCheckpointCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """JSON-able progress: best value and round, periodic files kept, last round saved."""
         return {
-            "metric": self.metric,
-            "mode": self.mode,
-            "best": self.best,
-            "best_round": self.best_round,
+            **monitor_state(self),
             "periodic": list(self.periodic),
             "last_round": self.last_round,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output."""
-        for key in ("metric", "mode"):
-            if key in state and state[key] != getattr(self, key):
-                raise ConfigError(f"{NAME}: saved state watches {key}={state[key]!r}, "
-                                  f"this callback {key}={getattr(self, key)!r}")
-        best = state.get("best")
-        self.best = None if best is None else float(best)
-        self.best_round = state.get("best_round")
+        load_monitor_state(NAME, self, state)
         self.periodic = [str(name) for name in state.get("periodic", [])]
         self.last_round = state.get("last_round")
