@@ -127,7 +127,7 @@ def test_state_file_is_safetensors_with_json_metadata(tmp_path):
     state = load_state(tmp_path / "run")
     assert state["trainer"]["round_num"] == 6
     assert_same_weights(state["trainer"]["weights"], result.weights)
-    assert without_timing(state["trainer"]["history"]) == without_timing(result.history)
+    assert state["trainer"]["history"] is None  # kept in metrics.jsonl, not re-saved per round
 
 
 def test_checkpoint_every_zero_writes_no_state(tmp_path):
@@ -196,3 +196,15 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
     assert without_timing(rows) == without_timing(whole.history)
     final = load_state(run_dir)["trainer"]["weights"]
     assert_same_weights(final, whole.weights)
+
+
+def test_resume_needs_the_saved_rounds_in_metrics_jsonl(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(CONFIG, run_dir=tmp_path / "run", callbacks=[Interrupt(4)])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], lines[2]]) + "\n")  # round 2 lost
+    before = folder_digest(tmp_path / "run")
+    with pytest.raises(InputError, match=r"does not hold rounds 1\.\.3"):
+        oiafed.run(None, resume=tmp_path / "run")
+    assert folder_digest(tmp_path / "run") == before

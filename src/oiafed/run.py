@@ -140,8 +140,10 @@ def _resume(
         experiment.trainer.load_state_dict(state["trainer"])
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
+    history = folder.history_until(experiment.trainer.round_num)
+    if state["trainer"]["history"] is None:
+        experiment.trainer.history = history
     restore_rng(state["rng"])
-    folder.keep_metrics_until(experiment.trainer.round_num)
     if overrides:
         folder.write_config(saved)
     return folder, experiment

@@ -81,7 +81,7 @@ class RunFolder:
         """Snapshot the resumable state of ``trainer``; it reaches disk atomically, in the
         background (``close`` waits for it)."""
         if self.checkpoint_every:
-            self._state_writer.submit(trainer.state_dict())
+            self._state_writer.submit(trainer.state_dict(include_history=False))
             self._saved_round = trainer.round_num
 
     def close(self) -> None:
@@ -95,10 +95,19 @@ class RunFolder:
         """Whether the state after ``round_num`` is already on disk."""
         return self._saved_round == round_num
 
-    def keep_metrics_until(self, round_num: int) -> None:
-        """Drop ``metrics.jsonl`` rows after ``round_num`` (rounds a resumed run redoes)."""
-        rows = [row for row in self.read_metrics() if row["round"] <= round_num]
+    def history_until(self, round_num: int) -> list[dict[str, Any]]:
+        """The history of rounds 1..``round_num`` from ``metrics.jsonl``; rows of later rounds
+        (which a resumed run redoes) are dropped from the file.
+
+        Raises:
+            InputError: when the file lacks one of those rounds.
+        """
+        rows = [row for row in self.read_metrics() if row.get("round", 0) <= round_num]
+        if [row.get("round") for row in rows] != list(range(1, round_num + 1)):
+            raise InputError(f"cannot resume: {self.path / METRICS} does not hold rounds "
+                             f"1..{round_num} once each, as the saved state needs")
         atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
+        return rows
 
     def write_summary(self, result: TrainResult) -> None:
         best = result.best()

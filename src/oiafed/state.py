@@ -74,10 +74,8 @@ def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def encode_state(trainer_state: dict[str, Any]) -> bytes:
     """The bytes of the state file: trainer state plus the RNG states, as of now."""
     tensors: dict[str, torch.Tensor] = {}
-    rest = {k: v for k, v in trainer_state.items() if k != "history"}
-    tree = _split_tensors({"version": FORMAT_VERSION, "trainer": rest, "rng": capture_rng()},
-                          tensors)
-    tree["trainer"]["history"] = trainer_state["history"]  # metrics only: no tensors to find
+    tree = _split_tensors({"version": FORMAT_VERSION, "trainer": trainer_state,
+                           "rng": capture_rng()}, tensors)
     return save_tensors(tensors, metadata={"oiafed_state": json.dumps(tree)})
 
 

@@ -293,11 +293,13 @@ class Trainer:
             )
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, include_history: bool = True) -> dict[str, Any]:
         """Everything needed to continue exactly after the current round.
 
         Client sampling and local data order need no state: they are derived from
-        ``(seed, round)``, so a resumed run draws what an uninterrupted one would.
+        ``(seed, round)``, so a resumed run draws what an uninterrupted one would. Without
+        ``include_history`` the history is None (the run folder keeps it in metrics.jsonl,
+        so a state saved every round does not grow with the number of rounds).
         """
         return {
             "round_num": self.round_num,
@@ -308,7 +310,7 @@ class Trainer:
             "stopped_by": self.stopped_by,
             "stop_reason": self.stop_reason,
             "fit_config": dict(self.fit_config),
-            "history": [dict(row) for row in self.history],
+            "history": [dict(row) for row in self.history] if include_history else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -321,7 +323,8 @@ class Trainer:
         self.stopped_by = state["stopped_by"]
         self.stop_reason = state["stop_reason"]
         self.fit_config = dict(state["fit_config"])
-        self.history = [dict(row) for row in state["history"]]
+        if state["history"] is not None:
+            self.history = [dict(row) for row in state["history"]]
 
     def _stop_reason(self) -> str:
         if not self.should_stop:
