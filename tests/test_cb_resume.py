@@ -17,7 +17,8 @@ from support import tiny_config, without_timing
 CALLBACKS = [
     {"type": "lr_scheduler", "args": {"scheduler_type": "step", "step_size": 2, "gamma": 0.5}},
     # Accuracy rises on this config, so with mode=min round 1 stays best: stops at round 5.
-    {"type": "early_stopping", "args": {"patience": 4, "mode": "min"}},
+    # restore_best_weights: the resumed run must end with round 1's weights, kept in the state.
+    {"type": "early_stopping", "args": {"patience": 4, "mode": "min", "restore_best_weights": True}},
     {"type": "model_checkpoint", "args": {"save_every": 2, "keep_last": 1}},
     {"type": "tensorboard"},
     {"type": "csv_logger"},
@@ -101,4 +102,5 @@ def test_resumed_run_matches_the_uninterrupted_one_in_every_output(
     state = load_state(tmp_path / "cut")["trainer"]["callbacks"]
     assert sorted(state) == ["csv_logger", "early_stopping", "lr_scheduler", "model_checkpoint",
                              "tensorboard"]
-    json.dumps(state, allow_nan=False)  # callback state is plain JSON
+    assert set(state["early_stopping"].pop("best_weights")) == set(whole.weights)
+    json.dumps(state, allow_nan=False)  # the rest of the callback state is plain JSON

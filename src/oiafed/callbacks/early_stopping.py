@@ -45,9 +45,10 @@ class EarlyStoppingCallback(Callback):
             callback listed earlier adds).
         mode: ``"max"`` when higher is better, ``"min"`` when lower is better.
         min_delta: the margin (>= 0) by which a value must beat the best to count as better.
-        restore_best_weights: keep a copy (in memory) of the global model's weights at the
-            best round and, when training ends, load them into ``trainer.model`` and
-            ``result.weights``, so the run ends with the best round's model.
+        restore_best_weights: keep a copy of the global model's weights at the best round
+            (also in the run's saved state, so a resumed run has it) and, when training ends,
+            load them into ``trainer.model`` and ``result.weights``, so the run ends with the
+            best round's model.
         min_rounds: never stop before this round (a warm-up); 0 means no warm-up.
 
     Raises:
@@ -152,13 +153,17 @@ class EarlyStoppingCallback(Callback):
             raise ConfigError(missing_metric_message(NAME, self.metric, history[-1]))
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able progress: best value and round, the counter (not the best weights)."""
-        return {
+        """Progress: best value and round, the counter; with ``restore_best_weights`` also the
+        best weights (tensors, which the run's state file stores as tensors)."""
+        state = {
             **monitor_state(self),
             "counter": self.counter,
             "seen_metric": self.seen_metric,
             "stopped_round": self.stopped_round,
         }
+        if self.restore_best_weights and self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output (of a callback watching the same metric)."""
@@ -166,4 +171,5 @@ class EarlyStoppingCallback(Callback):
         self.counter = int(state.get("counter", 0))
         self.seen_metric = bool(state.get("seen_metric", self.best is not None))
         self.stopped_round = state.get("stopped_round")
-        self.best_weights = None
+        saved = state.get("best_weights")
+        self.best_weights = {k: v.clone() for k, v in saved.items()} if saved else None
