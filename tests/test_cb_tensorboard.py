@@ -66,23 +66,6 @@ def test_yaml_builds_it():
     assert isinstance(board, TensorBoardCallback) and board.writer is None
 
 
-@pytest.fixture
-def event_files_in_creation_order(monkeypatch):
-    """Event file names start with the creation second and end with a per-process counter,
-    and TensorBoard reads them in name order: writers made in the same second by one process
-    sort wrongly once the counter gains a digit (9 -> 10). A resumed run in real life starts
-    later; here each writer's clock is pushed on so names sort in creation order."""
-    import itertools
-    import time
-    import types
-
-    from tensorboard.summary.writer import event_file_writer
-
-    pushes = itertools.count()
-    clock = types.SimpleNamespace(time=lambda: time.time() + 2 * next(pushes))
-    monkeypatch.setattr(event_file_writer, "time", clock)
-
-
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_resume_hides_rounds_written_after_the_saved_state(tmp_path, order,
                                                           event_files_in_creation_order):
