@@ -76,3 +76,14 @@ class Recorder(Callback):
 
     async def on_client_failure(self, trainer, client_id, error, **kwargs):
         self.trace.append(("on_client_failure", client_id, error))
+
+
+class Interrupt(Callback):
+    """A crash (Ctrl-C) at the end of ``round_num``, after the callbacks before it ran."""
+
+    def __init__(self, round_num: int) -> None:
+        self.round_num = round_num
+
+    async def on_round_end(self, trainer, round_num, result, **kwargs):
+        if round_num == self.round_num:
+            raise KeyboardInterrupt

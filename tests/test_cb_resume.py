@@ -10,9 +10,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import oiafed
-from oiafed import Callback
 from oiafed.state import load_state
-from support import tiny_config, without_timing
+from support import Interrupt, tiny_config, without_timing
 
 CALLBACKS = [
     {"type": "lr_scheduler", "args": {"scheduler_type": "step", "step_size": 2, "gamma": 0.5}},
@@ -24,17 +23,6 @@ CALLBACKS = [
     {"type": "csv_logger"},
 ]
 CONFIG = tiny_config(trainer={"args": {"rounds": 6}}, callbacks=CALLBACKS)
-
-
-class Interrupt(Callback):
-    """A crash at the end of ``round_num``, after the configured callbacks did that round."""
-
-    def __init__(self, round_num: int) -> None:
-        self.round_num = round_num
-
-    async def on_round_end(self, trainer, round_num, result, **kwargs):
-        if round_num == self.round_num:
-            raise KeyboardInterrupt
 
 
 def csv_rows(folder):

@@ -17,27 +17,15 @@ import torch
 import yaml
 
 import oiafed
-from oiafed import Callback
 from oiafed.exceptions import InputError
 from oiafed.state import STATE_FILE, load_state
-from support import tiny_config, without_timing
+from support import Interrupt, tiny_config, without_timing
 
 CONFIG = tiny_config(
     data={"type": "digits", "num_clients": 6,
           "partition": {"type": "dirichlet", "args": {"alpha": 0.5, "min_size": 5}}},
     trainer={"args": {"rounds": 6, "clients_per_round": 3}},
 )
-
-
-class Interrupt(Callback):
-    """Simulates a crash (Ctrl-C) at the end of ``round_num``."""
-
-    def __init__(self, round_num: int) -> None:
-        self.round_num = round_num
-
-    async def on_round_end(self, trainer, round_num, result, **kwargs):
-        if round_num == self.round_num:
-            raise KeyboardInterrupt
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
