@@ -22,7 +22,8 @@ CALLBACKS = [
     {"type": "tensorboard"},
     {"type": "csv_logger"},
 ]
-CONFIG = tiny_config(trainer={"args": {"rounds": 6}}, callbacks=CALLBACKS)
+CONFIG = tiny_config(trainer={"args": {"rounds": 6}}, callbacks=CALLBACKS,
+                     runtime={"checkpoint_interval": 0})  # a state after every round
 
 
 def csv_rows(folder):

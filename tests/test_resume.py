@@ -25,6 +25,7 @@ CONFIG = tiny_config(
     data={"type": "digits", "num_clients": 6,
           "partition": {"type": "dirichlet", "args": {"alpha": 0.5, "min_size": 5}}},
     trainer={"args": {"rounds": 6, "clients_per_round": 3}},
+    runtime={"checkpoint_interval": 0},  # a state after every round, however fast
 )
 
 
@@ -60,7 +61,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_rounds_after_the_last_saved_state_are_redone_once(tmp_path):
-    config = {**CONFIG, "runtime": {"checkpoint_every": 2}}
+    config = {**CONFIG, "runtime": {"checkpoint_every": 2, "checkpoint_interval": 0}}
     whole = oiafed.run(config, run_dir=tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         oiafed.run(config, run_dir=tmp_path / "cut", callbacks=[Interrupt(4)])
@@ -68,6 +69,19 @@ def test_rounds_after_the_last_saved_state_are_redone_once(tmp_path):
     resumed = oiafed.run(None, resume=tmp_path / "cut")
     assert rounds_in(tmp_path / "cut") == [1, 2, 3, 4, 5, 6]
     assert without_timing(resumed.history) == without_timing(whole.history)
+
+
+def test_checkpoint_interval_spaces_the_saves_out_but_always_saves_the_end(tmp_path):
+    config = {**CONFIG, "runtime": {"checkpoint_interval": 3600}}
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(config, run_dir=tmp_path / "cut", callbacks=[Interrupt(4)])
+    assert not (tmp_path / "cut" / STATE_FILE).exists()  # nothing saved within the hour
+    with pytest.raises(InputError, match="does not exist"):
+        oiafed.run(None, resume=tmp_path / "cut")
+
+    whole = oiafed.run(config, run_dir=tmp_path / "whole")
+    assert load_state(tmp_path / "whole")["trainer"]["round_num"] == 6  # the last round
+    assert_same_weights(load_state(tmp_path / "whole")["trainer"]["weights"], whole.weights)
 
 
 def test_resuming_a_finished_run_changes_nothing_in_the_result(tmp_path):

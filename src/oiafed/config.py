@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from oiafed import registry
 from oiafed.exceptions import ConfigError
 
+SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's emitter where PyYAML has it (4x faster), else the pure-Python one."""
+
 INJECTED_ARGS = {"model": {"input_shape", "num_classes"},
                  "dataset": {"seed", "num_clients", "test_fraction"}}
 """Arguments oiafed passes to components itself (never set in a config). A dataset always gets
@@ -61,6 +64,9 @@ class RuntimeConfig(_Strict):
     mode: Literal["serial", "parallel", "ray", "grpc"] = "serial"
     checkpoint_every: int = Field(1, ge=0)
     """Save the resumable run state every this many rounds (0: never)."""
+    checkpoint_interval: float = Field(1.0, ge=0)
+    """...but at most once per this many seconds (0: no limit); the last and a stopping round
+    are always saved. A crash costs at most this much redone training."""
     workers: int | None = Field(None, ge=1)
     """parallel: worker processes (default: the CPU count); ray: actors (default: cluster CPUs)."""
     threads: int | None = Field(None, ge=1)
@@ -106,7 +112,7 @@ class ExperimentConfig(_Strict):
         return found
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=SafeDumper, sort_keys=False)
 
 
 def _path(loc: tuple[Any, ...]) -> str:

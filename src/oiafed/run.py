@@ -134,7 +134,7 @@ def _resume(
             raise InputError(f"the config given differs from {folder.path / CONFIG_FILE}; "
                              "resume with no config (or the same one)")
     state = load_state(folder.path)
-    folder.checkpoint_every = saved.runtime.checkpoint_every
+    folder.use_policy(saved.runtime)
     experiment = Experiment.build(saved, callbacks)
     try:
         experiment.trainer.load_state_dict(state["trainer"])

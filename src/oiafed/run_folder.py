@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import IO, Any
 
-from oiafed.config import ExperimentConfig
+from oiafed.config import ExperimentConfig, RuntimeConfig
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
@@ -25,22 +26,33 @@ def _jsonable(value: Any) -> Any:
 
 class RunFolder:
     """One run's folder. After each round ``record_round`` appends a line to ``metrics.jsonl``
-    and, every ``checkpoint_every`` rounds, saves the resumable state (``state.pt``)."""
+    and saves the resumable state (``state.safetensors``) every ``checkpoint_every`` rounds,
+    at most once per ``checkpoint_interval`` seconds (counted from the folder's opening; the
+    last and a stopping round always)."""
 
-    def __init__(self, path: Path, checkpoint_every: int = 1) -> None:
+    def __init__(self, path: Path, checkpoint_every: int = 1,
+                 checkpoint_interval: float = 0.0) -> None:
         self.path = path
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
         self._saved_round: int | None = None
+        self._saved_at = time.monotonic()
         self._state_writer = StateWriter(path)
         self._metrics: IO[str] | None = None
 
     @classmethod
-    def open(cls, run_dir: str | Path, checkpoint_every: int = 1) -> RunFolder:
-        """An existing run folder, to resume (an ``InputError`` if it is not one)."""
+    def open(cls, run_dir: str | Path) -> RunFolder:
+        """An existing run folder, to resume (an ``InputError`` if it is not one); call
+        ``use_policy`` with its config's runtime section."""
         path = Path(run_dir)
         if not (path / CONFIG).is_file():
             raise InputError(f"cannot resume: {path} is not a run folder (no {CONFIG})")
-        return cls(path.resolve(), checkpoint_every)
+        return cls(path.resolve())
+
+    def use_policy(self, runtime: RuntimeConfig) -> None:
+        """Save the state as ``runtime.checkpoint_every`` / ``checkpoint_interval`` say."""
+        self.checkpoint_every = runtime.checkpoint_every
+        self.checkpoint_interval = runtime.checkpoint_interval
 
     @classmethod
     def create(cls, run_dir: str | Path | None, cfg: ExperimentConfig) -> RunFolder:
@@ -61,7 +73,9 @@ class RunFolder:
             if any((path / name).exists() for name in (METRICS, CONFIG, STATE_FILE)):
                 raise InputError(f"{path} already holds a run; choose another --run-dir")
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path.resolve(), cfg.runtime.checkpoint_every)
+        folder = cls(path.resolve())
+        folder.use_policy(cfg.runtime)
+        return folder
 
     def write_config(self, cfg: ExperimentConfig) -> None:
         atomic_write_text(self.path / CONFIG, cfg.to_yaml())
@@ -74,8 +88,15 @@ class RunFolder:
             self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._metrics.flush()  # in the OS's hands: a killed process loses no finished round
-        if self.checkpoint_every and row["round"] % self.checkpoint_every == 0:
+        if self._state_due(trainer, row["round"]):
             self.save_state(trainer)
+
+    def _state_due(self, trainer: Any, round_num: int) -> bool:
+        if not self.checkpoint_every or round_num % self.checkpoint_every:
+            return False
+        if round_num >= trainer.rounds or trainer.should_stop:
+            return True
+        return time.monotonic() - self._saved_at >= self.checkpoint_interval
 
     def save_state(self, trainer: Any) -> None:
         """Snapshot the resumable state of ``trainer``; it reaches disk atomically, in the
@@ -83,6 +104,7 @@ class RunFolder:
         if self.checkpoint_every:
             self._state_writer.submit(trainer.state_dict(include_history=False))
             self._saved_round = trainer.round_num
+            self._saved_at = time.monotonic()
 
     def close(self) -> None:
         """Close ``metrics.jsonl`` and wait until the last state snapshot is on disk."""

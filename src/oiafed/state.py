@@ -11,12 +11,14 @@ import json
 import os
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.numpy import save as save_arrays
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -30,13 +32,23 @@ REQUIRED = ("round_num", "weights", "aggregator", "callbacks", "should_stop", "s
 
 
 def capture_rng() -> dict[str, Any]:
-    """The global random states user code may draw from (Python, NumPy, torch)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    """The global random states user code may draw from (Python, NumPy, torch), as of now.
+
+    Cheap (it runs after every round): the conversion to storable form waits for
+    ``encode_snapshot``. Every part is a fresh object, safe to encode later.
+    """
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def _storable_rng(raw: dict[str, Any]) -> dict[str, Any]:
+    """``capture_rng()``'s states as tensors and JSON values (what ``restore_rng`` reads)."""
+    version, internal, gauss = raw["python"]
+    name, keys, pos, has_gauss, cached = raw["numpy"]
     return {
-        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "python": [version, torch.from_numpy(np.array(internal, dtype=np.int64)), gauss],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
+        "torch": raw["torch"],
     }
 
 
@@ -49,10 +61,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def _split_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """``value`` with each tensor moved into ``tensors`` and replaced by a reference."""
-    if isinstance(value, torch.Tensor):  # serialised at once: no copy needed
+    """``value`` with each tensor copied into ``tensors`` and replaced by a reference."""
+    if isinstance(value, torch.Tensor):
         name = f"t{len(tensors)}"
-        tensors[name] = value.detach().cpu().contiguous()
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
         return {TENSOR: name}
     if isinstance(value, dict):
         return {str(k): _split_tensors(v, tensors) for k, v in value.items()}
@@ -71,12 +83,37 @@ def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def encode_state(trainer_state: dict[str, Any]) -> bytes:
-    """The bytes of the state file: trainer state plus the RNG states, as of now."""
+@dataclass(frozen=True)
+class Snapshot:
+    """A run state taken after a round, detached from the live objects, not yet encoded."""
+
+    trainer_json: str
+    tensors: dict[str, torch.Tensor]
+    rng: dict[str, Any]
+
+
+def take_snapshot(trainer_state: dict[str, Any]) -> Snapshot:
+    """Copy ``trainer_state`` (its tensors, as JSON the rest) and the RNG states, now.
+
+    Raises:
+        TypeError: when the state holds a value that is neither a tensor nor JSON-able.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    tree = _split_tensors({"version": FORMAT_VERSION, "trainer": trainer_state,
-                           "rng": capture_rng()}, tensors)
-    return save_tensors(tensors, metadata={"oiafed_state": json.dumps(tree)})
+    trainer_json = json.dumps(_split_tensors(trainer_state, tensors))
+    return Snapshot(trainer_json, tensors, capture_rng())
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    """The bytes of the state file for ``snapshot``."""
+    tensors = dict(snapshot.tensors)
+    rng_json = json.dumps(_split_tensors(_storable_rng(snapshot.rng), tensors))
+    tree = f'{{"version": {FORMAT_VERSION}, "trainer": {snapshot.trainer_json}, "rng": {rng_json}}}'
+    metadata = {"oiafed_state": tree}
+    try:  # NumPy views of the tensors: the same file, written without torch's copies
+        arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
+    except TypeError:  # a dtype NumPy lacks (bfloat16, ...)
+        return save_tensors(tensors, metadata=metadata)
+    return save_arrays(arrays, metadata=metadata)
 
 
 def decode_state(data: bytes) -> dict[str, Any]:
@@ -96,11 +133,12 @@ def decode_state(data: bytes) -> dict[str, Any]:
 
 
 class StateWriter:
-    """Writes ``state.pt`` atomically in a background thread, one write in flight at most.
+    """Writes the state file atomically in a background thread, one write in flight at most.
 
-    The state is serialised at once (a snapshot); only the file write and fsync overlap with
-    the next round. After a crash the file holds the last state whose write completed, so a
-    resumed run redoes at most the round after it.
+    ``submit`` only takes a snapshot (copies of the tensors, the rest as JSON, the RNG states);
+    encoding, the file write and fsync overlap with the next round. After a crash the file
+    holds the last state whose write completed, so a resumed run redoes at most the round
+    after it.
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -109,18 +147,19 @@ class StateWriter:
         self._pending: Future[None] | None = None
 
     def submit(self, trainer_state: dict[str, Any]) -> None:
-        data = encode_state(trainer_state)
+        snapshot = take_snapshot(trainer_state)
         self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oiafed-state")
-        self._pending = self._executor.submit(self._write, data)
+        self._pending = self._executor.submit(self._write, snapshot)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, snapshot: Snapshot) -> None:
         """Temp file, fsync, rename: the file is always a whole state, old or new.
 
         One writer per run folder, so the temp name is fixed. The folder is not fsynced: after
         a power cut the rename may be lost, which leaves the previous (valid) state.
         """
+        data = encode_snapshot(snapshot)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             with open(tmp, "wb") as handle:
@@ -148,11 +187,11 @@ class StateWriter:
 
 
 def load_state(run_dir: Path) -> dict[str, Any]:
-    """Read and check ``state.pt``; a clear ``InputError`` if it is missing or broken."""
+    """Read and check the state file; a clear ``InputError`` if it is missing or broken."""
     file = run_dir / STATE_FILE
     if not file.is_file():
-        raise InputError(f"cannot resume: {file} does not exist (was checkpoint_every 0, or did "
-                         "the run stop before its first round ended?)")
+        raise InputError(f"cannot resume: {file} does not exist (checkpoint_every 0, or the "
+                         "run stopped before its first save, checkpoint_interval seconds in)")
     try:
         state = decode_state(file.read_bytes())
     except (OSError, ValueError) as exc:

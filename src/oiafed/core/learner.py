@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from oiafed.callbacks.base import CallbackManager
 from oiafed.client_state import ClientStateStore
 from oiafed.core.types import ClientUpdate, Weights
+from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
@@ -133,7 +134,7 @@ class Learner:
             raise RuntimeError("Learner.setup() must be called before fit()")
         self.client_id = client_id
         self.round_num = round_num
-        self.model.load_state_dict(weights)
+        load_weights(self.model, weights)
         self.optimizer = self.make_optimizer((config or {}).get("lr", self.lr))
         store = self.state_store
         self.client_state = store.get(client_id, {}) if store is not None else None

@@ -15,7 +15,8 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.core.aggregators import Aggregator
 from oiafed.core.evaluation import evaluate
 from oiafed.core.types import ClientFailure, ClientUpdate, RoundResult, TrainResult, Weights
-from oiafed.core.validation import update_problem
+from oiafed.core.validation import nonfinite_problems, update_problem
+from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError, OiafedError
 from oiafed.registry import register
@@ -197,7 +198,7 @@ class Trainer:
         await self.callbacks.on_aggregate_start(self, updates)
         weights = self.aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
-        self.model.load_state_dict(weights)
+        load_weights(self.model, weights)
         metrics = self.train_metrics(updates)
         if round_num % self.eval_every == 0 or round_num == self.rounds:
             metrics.update(evaluate(self.model, self.test_data))
@@ -218,12 +219,17 @@ class Trainer:
         Raises:
             RoundFailed: when fewer than ``min_clients`` usable updates remain.
         """
+        problems = [
+            outcome.error if isinstance(outcome, ClientFailure)
+            else update_problem(outcome, reference, check_values=False)
+            for outcome in outcomes
+        ]
+        well_formed = [i for i, problem in enumerate(problems) if problem is None]
+        value_problems = nonfinite_problems([outcomes[i].weights for i in well_formed])
+        for i, problem in zip(well_formed, value_problems, strict=True):
+            problems[i] = problem
         accepted, rejected = [], []
-        for outcome in outcomes:
-            if isinstance(outcome, ClientFailure):
-                problem = outcome.error
-            else:
-                problem = update_problem(outcome, reference)
+        for outcome, problem in zip(outcomes, problems, strict=True):
             if problem is None:
                 accepted.append(outcome)
                 continue
@@ -299,11 +305,12 @@ class Trainer:
         Client sampling and local data order need no state: they are derived from
         ``(seed, round)``, so a resumed run draws what an uninterrupted one would. Without
         ``include_history`` the history is None (the run folder keeps it in metrics.jsonl,
-        so a state saved every round does not grow with the number of rounds).
+        so a state saved every round does not grow with the number of rounds). As with
+        ``Module.state_dict``, tensors are the live ones: copy them to keep a snapshot.
         """
         return {
             "round_num": self.round_num,
-            "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "weights": self.model.state_dict(),
             "aggregator": self.aggregator.state_dict(),
             "callbacks": self.callbacks.state_dict(),
             "should_stop": self.should_stop,

@@ -9,16 +9,39 @@ import torch
 from oiafed.core.types import ClientUpdate, Weights
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of every tensor is finite (one pass over all of them)."""
-    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+def _nonfinite_key(weights: Weights) -> str | None:
+    """The first floating-point tensor of ``weights`` holding a NaN or an infinity."""
+    return next((key for key, tensor in weights.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
-def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
+def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
+    """For state dicts with the same keys and shapes: why each cannot be averaged for its
+    non-finite values (None: every value is finite).
+
+    Fast when all is well: one float64 sum per key over all the state dicts (finite exactly
+    when every term is, short of an overflow, which only sends us to the exact check).
+    """
+    if not weights_list:
+        return []
+    keys = [key for key, tensor in weights_list[0].items() if tensor.is_floating_point()]
+    if not keys:
+        return [None] * len(weights_list)
+    sums = torch.stack([torch.stack([w[key] for w in weights_list]).sum(dtype=torch.float64)
+                        for key in keys])
+    if bool(sums.isfinite().all()):
+        return [None] * len(weights_list)
+    bad_keys = [_nonfinite_key(weights) for weights in weights_list]
+    return [None if key is None else f"{key} holds non-finite values" for key in bad_keys]
+
+
+def update_problem(update: ClientUpdate, reference: Weights, *,
+                   check_values: bool = True) -> str | None:
     """Why ``update`` cannot be aggregated with weights shaped like ``reference`` (None: fine).
 
-    Rejects unknown or missing keys, other shapes or dtypes, non-finite values, a negative or
-    non-integer ``num_samples`` and non-numeric metrics.
+    Rejects unknown or missing keys, other shapes or dtypes, non-finite values (unless
+    ``check_values`` is off: ``nonfinite_problems`` checks many updates at once), a negative
+    or non-integer ``num_samples`` and non-numeric metrics.
     """
     if not isinstance(update.num_samples, int) or update.num_samples < 0:
         return f"num_samples must be an integer >= 0, got {update.num_samples!r}"
@@ -28,7 +51,6 @@ def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
     if weights.keys() != reference.keys():
         unknown, missing = weights.keys() - reference.keys(), reference.keys() - weights.keys()
         return f"unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
-    floating = []
     for key, expected in reference.items():
         tensor = weights[key]
         if not isinstance(tensor, torch.Tensor):
@@ -36,11 +58,7 @@ def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
         if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
             return (f"{key} is {tuple(tensor.shape)} {tensor.dtype}, expected "
                     f"{tuple(expected.shape)} {expected.dtype}")
-        if tensor.is_floating_point():
-            floating.append(tensor)
-    if floating and not _all_finite(floating):
-        bad = next(k for k, t in weights.items()
-                   if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if check_values and (bad := _nonfinite_key(weights)) is not None:
         return f"{bad} holds non-finite values"
     for name, value in update.metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
