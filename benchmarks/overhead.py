@@ -98,7 +98,6 @@ def run_plain(seed: int) -> tuple[float, float]:
             optimizer = torch.optim.SGD(local.parameters(), lr=LR)
             n = len(y)
             order = torch.randperm(n, generator=generator)
-            loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
             for start in range(0, n, BATCH):
                 index = order[start:start + BATCH]
                 xb, yb = x[index], y[index]
@@ -107,10 +106,8 @@ def run_plain(seed: int) -> tuple[float, float]:
                 loss = F.cross_entropy(logits, yb)
                 loss.backward()
                 optimizer.step()
-                loss_sum += loss.detach() * len(index)
-                correct += (logits.detach().argmax(dim=1) == yb).sum()
-            train_acc += int(correct)
-            train_loss += float(loss_sum)
+                train_loss += loss.item() * len(index)
+                train_acc += (logits.argmax(dim=1) == yb).sum().item()
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             sizes.append(n)
         total = sum(sizes)

@@ -113,7 +113,8 @@ def plain_model(workload: str):
 
 
 def run_plain(job: dict[str, Any]) -> tuple[list[float], float]:
-    """FedAvg by hand: sample, train each client (2 epochs of SGD), average, evaluate."""
+    """FedAvg by hand: sample, train each client (2 epochs of SGD, tracking its loss and
+    accuracy as every client reports them), average, evaluate."""
     import numpy as np
     import torch
     from torch.nn import functional as F
@@ -131,7 +132,7 @@ def run_plain(job: dict[str, Any]) -> tuple[list[float], float]:
         picked = sorted(gen.choice(job["clients"], size=job["sampled"], replace=False).tolist())
         start_weights = {k: v.clone() for k, v in model.state_dict().items()}
         summed = {k: torch.zeros_like(v) for k, v in start_weights.items()}
-        total = 0
+        total, train_correct, train_loss = 0, 0, 0.0
         for index in picked:
             client = data.client_data(f"client_{index}")
             local.load_state_dict(start_weights)
@@ -141,15 +142,24 @@ def run_plain(job: dict[str, Any]) -> tuple[list[float], float]:
             n = len(client)
             for _ in range(LEARNER["epochs"]):
                 order = torch.randperm(n, generator=generator)
+                loss_sum, correct = 0.0, 0  # the local metrics a client reports, as oiafed's
                 for begin in range(0, n, LEARNER["batch_size"]):
                     batch = order[begin:begin + LEARNER["batch_size"]]
+                    x, y = client.x[batch], client.y[batch]
                     optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(local(client.x[batch]), client.y[batch]).backward()
+                    logits = local(x)
+                    loss = F.cross_entropy(logits, y)
+                    loss.backward()
                     optimizer.step()
+                    loss_sum += loss.item() * len(batch)
+                    correct += (logits.argmax(dim=1) == y).sum().item()
+            train_correct += correct  # the last epoch's, as oiafed's round metrics
+            train_loss += loss_sum
             for k, v in local.state_dict().items():
                 summed[k] += v.detach() * n
             total += n
         model.load_state_dict({k: v / total for k, v in summed.items()})
+        train_correct / total, train_loss / total  # the round's train metrics, as oiafed's
         with torch.no_grad():
             logits = model(data.test.x)
             F.cross_entropy(logits, data.test.y)

@@ -157,22 +157,22 @@ class Learner:
 
     def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
         """One pass over ``data`` in shuffled minibatches; mean loss and accuracy."""
-        model, optimizer = self.model, self.optimizer
+        model, optimizer, size = self.model, self.optimizer, self.batch_size
         model.train()
         n = len(data)
         if n == 0:
             return {"accuracy": float("nan"), "loss": float("nan")}
         order = torch.randperm(n, generator=generator)
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.int64)
-        for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, size):
+            index = order[start:start + size]
             x, y = data.x[index], data.y[index]
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = self.loss(logits, y)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(index)
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-        return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}
+            # On the CPU, item() costs less than any tensor operation (no device to sync).
+            loss_sum += loss.item() * len(index)
+            correct += (logits.argmax(dim=1) == y).sum().item()
+        return {"accuracy": correct / n, "loss": loss_sum / n}

@@ -1,7 +1,8 @@
 """LEAF's Synthetic(alpha, beta) federation, each client's data generated on demand.
 
 The generator of Li et al. (FedProx, MLSys 2020) as packaged by LEAF (Caldas et al., 2018).
-For client ``k`` (index ``k``), from its own random stream ``rng(seed, DATA, k)``:
+For client ``k`` (index ``k``), from its own random stream (a torch generator seeded with
+``derive_seed(seed, DATA, k)``):
 
 * model: ``u_k ~ N(0, alpha)``; ``W_k ~ N(u_k, 1)`` (``num_classes x num_features``),
   ``b_k ~ N(u_k, 1)`` (``num_classes``);
@@ -36,7 +37,7 @@ import torch
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import ClientIds, FederatedSource
 from oiafed.exceptions import ConfigError
-from oiafed.seeding import DATA, rng
+from oiafed.seeding import DATA, derive_seed
 
 
 class LeafSynthetic(FederatedSource):
@@ -113,7 +114,7 @@ class LeafSynthetic(FederatedSource):
         self.input_shape = shape
         self.cache_clients = cache_clients
         self.client_ids = ClientIds(num_clients)
-        self._scale = (np.arange(1, num_features + 1, dtype=np.float64) ** -0.6).astype(np.float32)
+        self._scale = torch.arange(1, num_features + 1, dtype=torch.float64).pow(-0.6).float()
         # the standard deviations sqrt(j^-1.2) of x's diagonal covariance
         self._cache: OrderedDict[int, ArrayDataset] = OrderedDict()
         self._lock = threading.Lock()
@@ -125,11 +126,12 @@ class LeafSynthetic(FederatedSource):
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _num_samples(self, gen: np.random.Generator) -> int:
+    def _num_samples(self, gen: torch.Generator) -> int:
         if self.size_lognormal is None:
             return self.samples_per_client
         mu, sigma = self.size_lognormal
-        n = self.samples_per_client + int(min(gen.lognormal(mu, sigma), 2**40))
+        draw = torch.empty((), dtype=torch.float64).log_normal_(mu, sigma, generator=gen)
+        n = self.samples_per_client + int(min(draw.item(), 2**40))
         return n if self.max_samples_per_client is None else min(n, self.max_samples_per_client)
 
     def num_held_out(self, n: int) -> int:
@@ -139,26 +141,31 @@ class LeafSynthetic(FederatedSource):
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """All samples of client ``index`` (training then held-out): ``x`` (float32, ``n x
         num_features``) and ``y`` (int64), a pure function of ``(seed, index)`` and the args."""
-        gen = rng(self.seed, DATA, index)
+        x, y = self._make(index)
+        return x.numpy(), y.numpy()
+
+    def _make(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``generate`` as tensors. One draw of standard normals holds every random number
+        (few calls, in torch: a client's data is made in each round it is sampled in)."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, DATA, index))
         self.generated += 1
         n = self._num_samples(gen)
         c, d = self.num_classes, self.num_features
-        u = gen.normal(0.0, self.alpha)
-        model = (u + gen.standard_normal((c, d + 1))).astype(np.float32)  # [W_k | b_k]
-        centre = (gen.normal(0.0, self.beta) + gen.standard_normal(d)).astype(np.float32)  # v_k
-        x = gen.standard_normal((n, d), dtype=np.float32)
-        x *= self._scale
-        x += centre
-        y = np.argmax(x @ model[:, :d].T + model[:, d], axis=1)  # softmax keeps the argmax
-        return x, y.astype(np.int64, copy=False)
+        z = torch.randn(2 + c * (d + 1) + d + n * d, generator=gen)
+        u, b_k = self.alpha * z[0], self.beta * z[1]
+        model = z[2:2 + c * (d + 1)].view(c, d + 1) + u  # [W_k | b_k]
+        centre = z[2 + c * (d + 1):2 + c * (d + 1) + d] + b_k  # v_k
+        x = z[-n * d:].view(n, d).mul_(self._scale).add_(centre)
+        y = torch.argmax(x @ model[:, :d].T + model[:, d], dim=1)  # softmax keeps the argmax
+        return x, y
 
-    def _split(self, index: int) -> tuple[ArrayDataset, ArrayDataset]:
-        x, y = self.generate(index)
+    def _split(self, index: int, held_out: bool = True) -> tuple[ArrayDataset, ArrayDataset | None]:
+        """Client ``index``'s training data and (with ``held_out``) its held-out data."""
+        x, y = self._make(index)
         cut = len(y) - self.num_held_out(len(y))
-        x = torch.from_numpy(x).reshape(len(y), *self.input_shape)
-        y = torch.from_numpy(y)
-        return (ArrayDataset(x[:cut], y[:cut], self.num_classes),
-                ArrayDataset(x[cut:], y[cut:], self.num_classes))
+        x = x.view(len(y), *self.input_shape)
+        train = ArrayDataset(x[:cut], y[:cut], self.num_classes)
+        return train, ArrayDataset(x[cut:], y[cut:], self.num_classes) if held_out else None
 
     def _build_test(self) -> tuple[ArrayDataset, dict[str, Any]]:
         xs, ys, sample = [], [], {}
@@ -187,7 +194,7 @@ class LeafSynthetic(FederatedSource):
             if cached is not None:
                 self._cache.move_to_end(index)
                 return cached
-        data, _ = self._split(index)
+        data, _ = self._split(index, held_out=False)
         with self._lock:
             if self.cache_clients:
                 self._cache[index] = data
