@@ -47,14 +47,15 @@ def weighted_average(weights_list: Sequence[Weights], coefficients: Sequence[flo
             if weights[key].shape != weights_list[0][key].shape:
                 raise OiafedError(f"update {i} has {key!r} of shape {tuple(weights[key].shape)} "
                                   f"instead of {tuple(weights_list[0][key].shape)}")
-    scale = torch.tensor([c / total for c in coeffs], dtype=torch.float64)
+    scale = [c / total for c in coeffs]
     leader = max(range(len(coeffs)), key=coeffs.__getitem__)
     averaged: Weights = {}
     for key in keys:
         first = weights_list[0][key]
-        if first.is_floating_point():
-            stacked = torch.stack([w[key] for w in weights_list]).to(torch.float64)
-            mixed = torch.tensordot(scale, stacked, dims=1)
+        if first.is_floating_point():  # one float64 accumulator: no stacked copy of them all
+            mixed = first.to(torch.float64) * scale[0]
+            for weights, coefficient in zip(weights_list[1:], scale[1:], strict=True):
+                mixed.add_(weights[key], alpha=coefficient)
             averaged[key] = mixed.to(first.dtype)
         else:
             averaged[key] = weights_list[leader][key].clone()

@@ -19,16 +19,15 @@ def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
     """For state dicts with the same keys and shapes: why each cannot be averaged for its
     non-finite values (None: every value is finite).
 
-    Fast when all is well: one float64 sum per key over all the state dicts (finite exactly
-    when every term is, short of an overflow, which only sends us to the exact check).
+    Fast when all is well: one sum per key over all the state dicts (finite exactly when
+    every term is, short of an overflow, which only sends us to the exact check).
     """
     if not weights_list:
         return []
     keys = [key for key, tensor in weights_list[0].items() if tensor.is_floating_point()]
     if not keys:
         return [None] * len(weights_list)
-    sums = torch.stack([torch.stack([w[key] for w in weights_list]).sum(dtype=torch.float64)
-                        for key in keys])
+    sums = torch.stack([torch.stack([w[key] for w in weights_list]).sum() for key in keys])
     if bool(sums.isfinite().all()):
         return [None] * len(weights_list)
     bad_keys = [_nonfinite_key(weights) for weights in weights_list]

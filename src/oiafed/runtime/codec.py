@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from safetensors import SafetensorError
+from safetensors.numpy import save as _save_arrays
 from safetensors.torch import load as _load_tensors
 from safetensors.torch import save as _save_tensors
 
@@ -23,7 +24,11 @@ class WireError(OiafedError):
 
 def encode_weights(weights: Weights) -> bytes:
     """Weights as safetensors bytes (CPU, contiguous)."""
-    return _save_tensors({k: v.detach().cpu().contiguous() for k, v in weights.items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    try:  # through NumPy views: the same bytes, without torch's extra copies
+        return _save_arrays({k: v.numpy() for k, v in tensors.items()})
+    except TypeError:  # a dtype NumPy lacks (bfloat16, ...)
+        return _save_tensors(tensors)
 
 
 def decode_weights(data: bytes | bytearray | memoryview) -> Weights:

@@ -9,8 +9,9 @@ hooks then run in that process) and keeps it for the whole run, with
 Nothing crosses a process boundary pickled: each message is two raw frames on a pipe
 (``Connection.send_bytes``), a JSON header and a payload of safetensors bytes (or nothing).
 Per round, a worker receives the global weights once, before its first client of the round;
-then client ids go one at a time to whichever worker is idle, and the updates come back in
-the order of ``client_ids`` whatever order they finished in.
+then client ids go to the workers as they free up, each holding ``QUEUE_DEPTH`` of them (the
+one it trains and the next, so that it never waits for the driver between clients); the
+updates come back in the order of ``client_ids`` whatever order they finished in.
 
 A worker process that dies (killed, out of memory, a crash in native code) is replaced by a
 fresh one and the client it was training is retried once; a second death gives that client a
@@ -35,6 +36,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -67,6 +69,8 @@ POLL = 0.5
 """Seconds between checks of a stop request while waiting for workers."""
 ATTEMPTS = 2
 """Tries a client gets when the process training it dies (the first and one retry)."""
+QUEUE_DEPTH = 2
+"""Client ids a worker holds at once: the one it trains and those it trains next."""
 
 Outcome = ClientUpdate | ClientFailure
 
@@ -133,6 +137,32 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class _Outbox:
+    """Sends a worker's messages from a thread, in order, one in flight at most: the worker
+    goes on to its next client while the driver takes in the last update."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="oiafed-send")
+        self._pending: Future[None] | None = None
+
+    def post(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Queue a message (after the one in flight, whose error, if any, is raised here)."""
+        self.flush()
+        self._pending = self._thread.submit(_send, self.conn, header, payload)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._thread.shutdown(wait=True)
+
+
 def worker_main(conn: Connection) -> None:
     """A worker process: build a ``ClientWorker`` from the config, then train clients on
     request until told to stop or the driver goes away."""
@@ -149,6 +179,7 @@ def worker_main(conn: Connection) -> None:
         return
     _send(conn, {"op": "ready", "pid": os.getpid()})
     loop = asyncio.new_event_loop()
+    outbox = _Outbox(conn)
     weights: Weights = {}
     round_num, config = 0, {}
     try:
@@ -169,11 +200,15 @@ def worker_main(conn: Connection) -> None:
                     update = loop.run_until_complete(worker.train(cid, weights, round_num, config))
                     data = encode_weights(update.weights)
                 except Exception as exc:
-                    _send(conn, {"op": "error", "client_id": cid, "error": _error_text(exc),
+                    outbox.post({"op": "error", "client_id": cid, "error": _error_text(exc),
                                  "traceback": traceback.format_exc()})
                     continue
-                _send(conn, {"op": "update", **update_header(update)}, data)
+                outbox.post({"op": "update", **update_header(update)}, data)
+    except (EOFError, OSError):
+        return  # a send failed: the driver is gone
     finally:
+        with contextlib.suppress(EOFError, OSError):
+            outbox.close()
         loop.close()
 
 
@@ -191,8 +226,8 @@ class _Process:
         child.close()  # only the child holds its end: its death is an EOF here
         self.conn: Connection = conn
         self.name = name
-        self.state = "starting"  # -> "idle" <-> "busy"
-        self.client: str | None = None
+        self.state = "starting"  # -> "ready"
+        self.clients: deque[str] = deque()  # assigned, in order; the first is training
         self.round: int | None = None
         conn.send_bytes(init)
         conn.send_bytes(b"")
@@ -331,22 +366,24 @@ class ParallelRuntime:
             return [work.outcomes[cid] for cid in work.client_ids]
 
     def _dispatch(self, work: _Round) -> None:
-        for proc in list(self._procs):
-            if not work.pending:
-                return
-            if proc.state != "idle":
-                continue
-            cid = work.pending.popleft()
-            try:
-                if proc.round != work.round_num:
-                    proc.send(work.message, work.payload)
-                    proc.round = work.round_num
-                proc.send(encode_json({"op": "train", "client_id": cid}))
-            except OSError:
-                work.pending.appendleft(cid)  # it never started training: not a try
-                self._died(proc, work)
-                continue
-            proc.state, proc.client = "busy", cid
+        """Top up every ready worker's queue, a level at a time (the first clients spread)."""
+        for depth in range(1, QUEUE_DEPTH + 1):
+            for proc in list(self._procs):
+                if not work.pending:
+                    return
+                if proc.state != "ready" or len(proc.clients) >= depth:
+                    continue
+                cid = work.pending.popleft()
+                try:
+                    if proc.round != work.round_num:
+                        proc.send(work.message, work.payload)
+                        proc.round = work.round_num
+                    proc.send(encode_json({"op": "train", "client_id": cid}))
+                except OSError:
+                    work.pending.appendleft(cid)  # it never started training: not a try
+                    self._died(proc, work)
+                    continue
+                proc.clients.append(cid)
 
     def _poll(self, work: _Round | None, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for messages or deaths, and handle them."""
@@ -370,12 +407,12 @@ class ParallelRuntime:
                 work: _Round | None) -> None:
         op = header.get("op")
         if op == "ready":
-            proc.state = "idle"
+            proc.state = "ready"
             return
         if op == "fatal":
             detail = header.get("traceback") or ""
             raise WorkerError(f"a worker process failed to start: {header.get('error')}\n{detail}")
-        cid, proc.client, proc.state = proc.client, None, "idle"
+        cid = proc.clients.popleft() if proc.clients else None
         if cid is None or work is None:
             logger.warning("%s sent an unexpected %r message; ignored", proc.name, op)
             return
@@ -412,11 +449,12 @@ class ParallelRuntime:
                 "guard its entry point with `if __name__ == \"__main__\":` (worker processes "
                 "import the main module)")
         self._spawn()
-        cid = proc.client
-        if cid is None or work is None:
+        if not proc.clients or work is None:
             logger.warning("worker process %s (pid %s) ended (%s) while idle; replaced",
                            proc.name, proc.process.pid, how)
             return
+        cid, *queued = proc.clients
+        work.pending.extendleft(reversed(queued))  # they never started training: not a try
         work.deaths[cid] = deaths = work.deaths.get(cid, 0) + 1
         if deaths >= ATTEMPTS:
             error = (f"the worker process training it ended ({how}) {deaths} times "
@@ -432,9 +470,11 @@ class ParallelRuntime:
         """The round deadline passed: clients without an update fail; busy workers are killed
         (their training may never end) and replaced."""
         for proc in list(self._procs):
-            if proc.state == "busy" and proc.client is not None:
-                work.outcomes[proc.client] = ClientFailure(
-                    proc.client, f"no update within round_timeout={timeout:g}s")
+            if proc.clients:
+                training = proc.clients.popleft()
+                work.outcomes[training] = ClientFailure(
+                    training, f"no update within round_timeout={timeout:g}s")
+                work.pending.extendleft(reversed(proc.clients))
                 self._procs.remove(proc)
                 proc.kill()
                 self._spawn()
