@@ -218,6 +218,24 @@ def test_round_timeout_fails_a_hung_client_and_replaces_its_worker(tmp_path, hel
     assert no_workers_left()
 
 
+def test_a_free_worker_takes_the_client_queued_behind_a_slow_one_and_it_trains_once(
+        tmp_path, helpers):
+    log = tmp_path / "epochs.log"
+    config = fragile_config(helpers, rounds=1, marker=str(tmp_path / "slow"), hang=3.0)
+    config["callbacks"] = [{"type": "pid_log", "args": {"path": str(log)}}]
+    serial = oiafed.run({**config, "learner": {"args": {"lr": 0.05, "batch_size": 32}}},
+                        run_dir=tmp_path / "serial")
+    log.unlink()
+    # client_0 and client_2 go to one worker, client_1 (slow) and client_3 to the other
+    result = oiafed.run(parallel(config), run_dir=tmp_path / "run")
+    assert_same_history(result.history, serial.history)
+    lines = [line.split() for line in log.read_text().splitlines()]
+    pid_of = {client: pid for pid, _, client, _, _ in lines}
+    assert pid_of["client_3"] == pid_of["client_2"] != pid_of["client_1"]  # taken over
+    assert [(c, h) for _, _, c, h, _ in lines].count(("client_3", "start")) == 1  # once
+    assert no_workers_left()
+
+
 def test_an_exception_in_local_training_is_a_client_failure_or_stops_a_strict_run(
         tmp_path, helpers):
     config = fragile_config(helpers, rounds=1, victim="client_2", fail=True)

@@ -163,6 +163,16 @@ class _Outbox:
             self._thread.shutdown(wait=True)
 
 
+def _take_revoke(inbox: deque[tuple[dict[str, Any], bytes]], cid: str, round_num: int) -> bool:
+    """Whether ``inbox`` revokes ``cid`` in ``round_num`` (the revoke is then removed)."""
+    wanted = {"op": "revoke", "client_id": cid, "round": round_num}
+    for message in inbox:
+        if message[0] == wanted:
+            inbox.remove(message)
+            return True
+    return False
+
+
 def worker_main(conn: Connection) -> None:
     """A worker process: build a ``ClientWorker`` from the config, then train clients on
     request until told to stop or the driver goes away."""
@@ -180,12 +190,13 @@ def worker_main(conn: Connection) -> None:
     _send(conn, {"op": "ready", "pid": os.getpid()})
     loop = asyncio.new_event_loop()
     outbox = _Outbox(conn)
+    inbox: deque[tuple[dict[str, Any], bytes]] = deque()  # read ahead, not yet acted on
     weights: Weights = {}
     round_num, config = 0, {}
     try:
         while True:
             try:
-                header, payload = _recv(conn)
+                header, payload = inbox.popleft() if inbox else _recv(conn)
             except (EOFError, OSError):
                 return  # the driver is gone
             op = header.get("op")
@@ -196,14 +207,19 @@ def worker_main(conn: Connection) -> None:
                 weights = decode_weights(payload)
             elif op == "train":
                 cid = header["client_id"]
+                while conn.poll():
+                    inbox.append(_recv(conn))
+                if _take_revoke(inbox, cid, round_num):  # another worker has it now
+                    outbox.post({"op": "skipped", "client_id": cid, "round": round_num})
+                    continue
                 try:
                     update = loop.run_until_complete(worker.train(cid, weights, round_num, config))
                     data = encode_weights(update.weights)
                 except Exception as exc:
-                    outbox.post({"op": "error", "client_id": cid, "error": _error_text(exc),
-                                 "traceback": traceback.format_exc()})
+                    outbox.post({"op": "error", "client_id": cid, "round": round_num,
+                                 "error": _error_text(exc), "traceback": traceback.format_exc()})
                     continue
-                outbox.post({"op": "update", **update_header(update)}, data)
+                outbox.post({"op": "update", "round": round_num, **update_header(update)}, data)
     except (EOFError, OSError):
         return  # a send failed: the driver is gone
     finally:
@@ -228,6 +244,7 @@ class _Process:
         self.name = name
         self.state = "starting"  # -> "ready"
         self.clients: deque[str] = deque()  # assigned, in order; the first is training
+        self.revoked: set[str] = set()  # given to another worker; its update may still come
         self.round: int | None = None
         conn.send_bytes(init)
         conn.send_bytes(b"")
@@ -370,6 +387,7 @@ class ParallelRuntime:
         for depth in range(1, QUEUE_DEPTH + 1):
             for proc in list(self._procs):
                 if not work.pending:
+                    self._rebalance(work)
                     return
                 if proc.state != "ready" or len(proc.clients) >= depth:
                     continue
@@ -384,6 +402,24 @@ class ParallelRuntime:
                     self._died(proc, work)
                     continue
                 proc.clients.append(cid)
+
+    def _rebalance(self, work: _Round) -> None:
+        """With nothing left to hand out, a free worker takes the last client queued behind
+        another's current one (revoked there): a slow or hung client holds up nobody else."""
+        for proc in list(self._procs):
+            if work.pending or proc.state != "ready" or proc.clients:
+                continue
+            victim = max((p for p in self._procs if len(p.clients) > 1),
+                         key=lambda p: len(p.clients), default=None)
+            if victim is None:
+                return
+            cid = victim.clients.pop()
+            victim.revoked.add(cid)
+            with contextlib.suppress(OSError):  # a dead victim is noticed by the next poll
+                victim.send(encode_json({"op": "revoke", "client_id": cid,
+                                         "round": work.round_num}))
+            work.pending.append(cid)
+            self._dispatch(work)
 
     def _poll(self, work: _Round | None, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for messages or deaths, and handle them."""
@@ -412,10 +448,19 @@ class ParallelRuntime:
         if op == "fatal":
             detail = header.get("traceback") or ""
             raise WorkerError(f"a worker process failed to start: {header.get('error')}\n{detail}")
-        cid = proc.clients.popleft() if proc.clients else None
+        if header.get("client_id") in proc.revoked:  # skipped, or trained before the revoke
+            cid = header["client_id"]
+            proc.revoked.discard(cid)
+            if (op != "update" or work is None or header.get("round") != work.round_num
+                    or cid in work.outcomes):
+                return
+        else:
+            cid = proc.clients.popleft() if proc.clients else None
         if cid is None or work is None:
             logger.warning("%s sent an unexpected %r message; ignored", proc.name, op)
             return
+        if cid in work.outcomes:
+            return  # the other worker's copy of a revoked client came first: the same result
         if op == "update":
             try:
                 outcome: Outcome = update_from_wire(header, payload)
