@@ -11,7 +11,8 @@ Nothing crosses a process boundary pickled: each message is two raw frames on a 
 Per round, a worker receives the global weights once, before its first client of the round;
 then client ids go to the workers as they free up, each holding ``QUEUE_DEPTH`` of them (the
 one it trains and the next, so that it never waits for the driver between clients); the
-updates come back in the order of ``client_ids`` whatever order they finished in.
+updates come back in the order of ``client_ids`` whatever order they finished in. A client
+queued behind a straggler (``STRAGGLER_SECONDS``) goes to a free worker instead.
 
 A worker process that dies (killed, out of memory, a crash in native code) is replaced by a
 fresh one and the client it was training is retried once; a second death gives that client a
@@ -32,11 +33,11 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -71,6 +72,11 @@ ATTEMPTS = 2
 """Tries a client gets when the process training it dies (the first and one retry)."""
 QUEUE_DEPTH = 2
 """Client ids a worker holds at once: the one it trains and those it trains next."""
+SEND_BUFFER = 8 * 2**20
+"""Bytes of socket send buffer a worker asks for (the system caps it: net.core.wmem_max)."""
+STRAGGLER_SECONDS = 1.0
+"""A client trained this long, and 3x the round's mean so far, is a straggler: a free worker
+takes the client queued behind it."""
 
 Outcome = ClientUpdate | ClientFailure
 
@@ -137,30 +143,11 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _Outbox:
-    """Sends a worker's messages from a thread, in order, one in flight at most: the worker
-    goes on to its next client while the driver takes in the last update."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="oiafed-send")
-        self._pending: Future[None] | None = None
-
-    def post(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        """Queue a message (after the one in flight, whose error, if any, is raised here)."""
-        self.flush()
-        self._pending = self._thread.submit(_send, self.conn, header, payload)
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._thread.shutdown(wait=True)
+def _widen_send_buffer(conn: Connection) -> None:
+    """Let an update fit in the kernel's buffer (as far as the system allows), so the worker
+    goes on to its next client without waiting for the driver to read the last one."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 def _take_revoke(inbox: deque[tuple[dict[str, Any], bytes]], cid: str, round_num: int) -> bool:
@@ -188,8 +175,8 @@ def worker_main(conn: Connection) -> None:
         _send(conn, {"op": "fatal", "error": _error_text(exc), "traceback": traceback.format_exc()})
         return
     _send(conn, {"op": "ready", "pid": os.getpid()})
+    _widen_send_buffer(conn)
     loop = asyncio.new_event_loop()
-    outbox = _Outbox(conn)
     inbox: deque[tuple[dict[str, Any], bytes]] = deque()  # read ahead, not yet acted on
     weights: Weights = {}
     round_num, config = 0, {}
@@ -210,21 +197,19 @@ def worker_main(conn: Connection) -> None:
                 while conn.poll():
                     inbox.append(_recv(conn))
                 if _take_revoke(inbox, cid, round_num):  # another worker has it now
-                    outbox.post({"op": "skipped", "client_id": cid, "round": round_num})
+                    _send(conn, {"op": "skipped", "client_id": cid, "round": round_num})
                     continue
                 try:
                     update = loop.run_until_complete(worker.train(cid, weights, round_num, config))
                     data = encode_weights(update.weights)
                 except Exception as exc:
-                    outbox.post({"op": "error", "client_id": cid, "round": round_num,
+                    _send(conn, {"op": "error", "client_id": cid, "round": round_num,
                                  "error": _error_text(exc), "traceback": traceback.format_exc()})
                     continue
-                outbox.post({"op": "update", "round": round_num, **update_header(update)}, data)
+                _send(conn, {"op": "update", "round": round_num, **update_header(update)}, data)
     except (EOFError, OSError):
         return  # a send failed: the driver is gone
     finally:
-        with contextlib.suppress(EOFError, OSError):
-            outbox.close()
         loop.close()
 
 
@@ -245,6 +230,7 @@ class _Process:
         self.state = "starting"  # -> "ready"
         self.clients: deque[str] = deque()  # assigned, in order; the first is training
         self.revoked: set[str] = set()  # given to another worker; its update may still come
+        self.since = 0.0  # when the client at the head of ``clients`` started (monotonic)
         self.round: int | None = None
         conn.send_bytes(init)
         conn.send_bytes(b"")
@@ -275,6 +261,12 @@ class _Round:
         self.pending: deque[str] = deque(dict.fromkeys(client_ids))
         self.deaths: dict[str, int] = {}
         self.outcomes: dict[str, Outcome] = {}
+        self.trained, self.training_time = 0, 0.0  # clients answered, their summed seconds
+
+    def straggling(self, seconds: float) -> bool:
+        """Whether a client running for ``seconds`` is far slower than this round's others."""
+        mean = self.training_time / self.trained if self.trained else 0.0
+        return seconds > max(STRAGGLER_SECONDS, 3 * mean)
 
     @property
     def done(self) -> bool:
@@ -305,6 +297,7 @@ class ParallelRuntime:
         self._spawned = 0
         self._busy = threading.Lock()
         self._stop = threading.Event()
+        self._driver_threads = 0  # torch's thread count in the driver before the run
 
     @property
     def pids(self) -> list[int]:
@@ -326,6 +319,10 @@ class ParallelRuntime:
         except BaseException:
             await asyncio.to_thread(self._shutdown)
             raise
+        # Between rounds the workers wait for the driver's aggregation and evaluation: let
+        # those use the workers' cores (torch's threads sleep while the workers train).
+        self._driver_threads = torch.get_num_threads()
+        torch.set_num_threads(max(self._driver_threads, min(count, os.cpu_count() or 1)))
 
     async def train(
         self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
@@ -342,6 +339,8 @@ class ParallelRuntime:
     async def close(self) -> None:
         """Stop the workers (killing those that do not exit within ``STOP_GRACE`` seconds)."""
         self._stop.set()
+        if self._driver_threads:
+            torch.set_num_threads(self._driver_threads)
         await asyncio.to_thread(self._close)
 
     # -- the work, in a thread so that the event loop stays free -----------------------------
@@ -401,15 +400,20 @@ class ParallelRuntime:
                     work.pending.appendleft(cid)  # it never started training: not a try
                     self._died(proc, work)
                     continue
+                if not proc.clients:
+                    proc.since = time.monotonic()
                 proc.clients.append(cid)
 
     def _rebalance(self, work: _Round) -> None:
         """With nothing left to hand out, a free worker takes the last client queued behind
-        another's current one (revoked there): a slow or hung client holds up nobody else."""
+        a straggler (revoked there): a slow or hung client holds up nobody else. (Not behind
+        any busy worker: that client may be starting, and would then train twice.)"""
+        now = time.monotonic()
         for proc in list(self._procs):
             if work.pending or proc.state != "ready" or proc.clients:
                 continue
-            victim = max((p for p in self._procs if len(p.clients) > 1),
+            victim = max((p for p in self._procs
+                          if len(p.clients) > 1 and work.straggling(now - p.since)),
                          key=lambda p: len(p.clients), default=None)
             if victim is None:
                 return
@@ -456,6 +460,11 @@ class ParallelRuntime:
                 return
         else:
             cid = proc.clients.popleft() if proc.clients else None
+            now = time.monotonic()
+            if work is not None:
+                work.trained += 1
+                work.training_time += now - proc.since
+            proc.since = now
         if cid is None or work is None:
             logger.warning("%s sent an unexpected %r message; ignored", proc.name, op)
             return
