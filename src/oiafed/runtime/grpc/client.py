@@ -190,7 +190,7 @@ class FederationClient:
             kind = message.WhichOneof("kind")
             if kind == "task":
                 task, assembler = message.task, Assembler(message.task.size, MAX_PAYLOAD)
-                if assembler.done:
+                if assembler.add(message.task.data):
                     self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "chunk":
@@ -218,9 +218,11 @@ class FederationClient:
             outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
                                                            error=f"{type(exc).__name__}: {exc}")))
             return
+        pieces = list(pieces)
         outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
             task_id=task.task_id, num_samples=update.num_samples, size=size,
-            metrics={k: float(v) for k, v in update.metrics.items()})))
+            metrics={k: float(v) for k, v in update.metrics.items()},
+            data=pieces.pop() if len(pieces) == 1 else b"")))  # one piece travels inside
         for piece in pieces:
             outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
 

@@ -149,6 +149,8 @@ class GrpcRuntime(pb_grpc.FederationServicer):
         self._limit = 2 * size + (1 << 20)
         self._next_task += 1
         task_id = self._next_task
+        pieces = list(pieces)
+        inline = pieces.pop() if len(pieces) == 1 else b""  # one piece travels in the task
         messages = [pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
                     for piece in pieces]
         config_json = fit_config_json(config)
@@ -159,7 +161,7 @@ class GrpcRuntime(pb_grpc.FederationServicer):
         # Below the quorum, a round waits (up to its deadline) for missing clients to come back.
         wait_join = deadline is not None and connected < self.trainer.min_clients
         return list(await asyncio.gather(*(
-            self._train_one(cid, round_num, task_id, config_json, size, messages,
+            self._train_one(cid, round_num, task_id, config_json, size, inline, messages,
                             deadline, wait_join)
             for cid in client_ids
         )))
@@ -248,7 +250,7 @@ class GrpcRuntime(pb_grpc.FederationServicer):
                 raise WireError("a second update header for one task")
             task.header = header
             task.assembler = Assembler(header.size, self._limit)
-            if task.assembler.done:
+            if task.assembler.add(header.data):
                 self._complete(session, task)
         elif kind == "chunk":
             chunk = message.chunk
@@ -282,8 +284,8 @@ class GrpcRuntime(pb_grpc.FederationServicer):
     # -- rounds ----------------------------------------------------------------------------
 
     async def _train_one(self, cid: str, round_num: int, task_id: int, config_json: str,
-                         size: int, messages: list[pb.ServerMessage], deadline: float | None,
-                         wait_join: bool) -> ClientUpdate | ClientFailure:
+                         size: int, inline: bytes, messages: list[pb.ServerMessage],
+                         deadline: float | None, wait_join: bool) -> ClientUpdate | ClientFailure:
         session = self.sessions.get(cid)
         if session is None and wait_join:
             session = await self._wait_for_session(cid, deadline)
@@ -294,7 +296,8 @@ class GrpcRuntime(pb_grpc.FederationServicer):
         task = session.task = _Task(task_id, round_num)
         seed = self.worker.client_seed(cid, round_num)
         header = pb.ServerMessage(task=pb.TrainTask(task_id=task_id, round=round_num, seed=seed,
-                                                    config_json=config_json, size=size))
+                                                    config_json=config_json, size=size,
+                                                    data=inline))
         # Sending is not cancelled at the deadline (a half-sent task would confuse the stream);
         # a dead connection ends it, and the session then fails the task.
         self._spawn(session.send([header, *messages]))

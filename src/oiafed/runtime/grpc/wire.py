@@ -10,7 +10,7 @@ from oiafed.config import ExperimentConfig
 from oiafed.exceptions import InputError
 from oiafed.runtime.codec import WireError
 
-PROTOCOL = 1
+PROTOCOL = 2
 """Wire protocol version; a client of another version is refused at its Hello."""
 
 MAX_MESSAGE = 4 << 20
