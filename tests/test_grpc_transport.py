@@ -441,10 +441,15 @@ async def rogue_client(port: int, client_id: str, payload: bytes, *, declared: i
         if hang_up:
             call.cancel()
             return
-        size = len(payload) if declared is None else declared
-        await call.write(pb.ClientMessage(update=pb.UpdateHeader(
-            task_id=task.task_id, num_samples=5, size=size, metrics={"accuracy": 1.0, "loss": 0.0})))
-        await call.write(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=payload)))
+        header = pb.UpdateHeader(task_id=task.task_id, num_samples=5,
+                                 metrics={"accuracy": 1.0, "loss": 0.0})
+        if declared is None:  # a payload that fits one message travels inside the header
+            header.size, header.data = len(payload), payload
+            await call.write(pb.ClientMessage(update=header))
+        else:
+            header.size = declared
+            await call.write(pb.ClientMessage(update=header))
+            await call.write(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=payload)))
         async for _ in call:
             pass
 

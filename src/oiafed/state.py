@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import save as save_arrays
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from oiafed.exceptions import InputError
+from oiafed.runtime.codec import tensor_bytes
 
 STATE_FILE = "state.safetensors"
 FORMAT_VERSION = 2
@@ -108,12 +107,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     tensors = dict(snapshot.tensors)
     rng_json = json.dumps(_split_tensors(_storable_rng(snapshot.rng), tensors))
     tree = f'{{"version": {FORMAT_VERSION}, "trainer": {snapshot.trainer_json}, "rng": {rng_json}}}'
-    metadata = {"oiafed_state": tree}
-    try:  # NumPy views of the tensors: the same file, written without torch's copies
-        arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
-    except TypeError:  # a dtype NumPy lacks (bfloat16, ...)
-        return save_tensors(tensors, metadata=metadata)
-    return save_arrays(arrays, metadata=metadata)
+    return tensor_bytes(tensors, metadata={"oiafed_state": tree})
 
 
 def decode_state(data: bytes) -> dict[str, Any]:

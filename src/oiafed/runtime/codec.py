@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.numpy import save as _save_arrays
 from safetensors.torch import load as _load_tensors
@@ -22,13 +23,18 @@ class WireError(OiafedError):
     """Bytes received from another process or machine are malformed."""
 
 
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> bytes:
+    """Safetensors bytes of CPU, contiguous ``tensors`` (with string ``metadata``)."""
+    try:  # through NumPy views: the same bytes, without torch's extra copies
+        return _save_arrays({k: v.numpy() for k, v in tensors.items()}, metadata=metadata)
+    except TypeError:  # a dtype NumPy lacks (bfloat16, ...)
+        return _save_tensors(tensors, metadata=metadata)
+
+
 def encode_weights(weights: Weights) -> bytes:
     """Weights as safetensors bytes (CPU, contiguous)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    try:  # through NumPy views: the same bytes, without torch's extra copies
-        return _save_arrays({k: v.numpy() for k, v in tensors.items()})
-    except TypeError:  # a dtype NumPy lacks (bfloat16, ...)
-        return _save_tensors(tensors)
+    return tensor_bytes({k: v.detach().cpu().contiguous() for k, v in weights.items()})
 
 
 def decode_weights(data: bytes | bytearray | memoryview) -> Weights:
