@@ -30,11 +30,10 @@ class RunFolder:
     at most once per ``checkpoint_interval`` seconds (counted from the folder's opening; the
     last and a stopping round always)."""
 
-    def __init__(self, path: Path, checkpoint_every: int = 1,
-                 checkpoint_interval: float = 0.0) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_every = 1  # until ``use_policy``
+        self.checkpoint_interval = 0.0
         self._saved_round: int | None = None
         self._saved_at = time.monotonic()
         self._state_writer = StateWriter(path)

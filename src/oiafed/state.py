@@ -33,8 +33,8 @@ REQUIRED = ("round_num", "weights", "aggregator", "callbacks", "should_stop", "s
 def capture_rng() -> dict[str, Any]:
     """The global random states user code may draw from (Python, NumPy, torch), as of now.
 
-    Cheap (it runs after every round): the conversion to storable form waits for
-    ``encode_snapshot``. Every part is a fresh object, safe to encode later.
+    Cheap (it runs in the round loop, at each save): the conversion to storable form waits
+    for ``encode_snapshot``. Every part is a fresh object, safe to encode later.
     """
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state()}
@@ -131,8 +131,7 @@ class StateWriter:
 
     ``submit`` only takes a snapshot (copies of the tensors, the rest as JSON, the RNG states);
     encoding, the file write and fsync overlap with the next round. After a crash the file
-    holds the last state whose write completed, so a resumed run redoes at most the round
-    after it.
+    holds the last state whose write completed; a resumed run redoes the rounds after it.
     """
 
     def __init__(self, run_dir: Path) -> None:

@@ -221,7 +221,7 @@ class Trainer:
         """
         problems = [
             outcome.error if isinstance(outcome, ClientFailure)
-            else update_problem(outcome, reference, check_values=False)
+            else update_problem(outcome, reference)
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]

@@ -34,13 +34,12 @@ def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
     return [None if key is None else f"{key} holds non-finite values" for key in bad_keys]
 
 
-def update_problem(update: ClientUpdate, reference: Weights, *,
-                   check_values: bool = True) -> str | None:
-    """Why ``update`` cannot be aggregated with weights shaped like ``reference`` (None: fine).
+def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
+    """Why ``update`` cannot be aggregated with weights shaped like ``reference`` (None: fine,
+    as far as its form goes: ``nonfinite_problems`` checks the values of many at once).
 
-    Rejects unknown or missing keys, other shapes or dtypes, non-finite values (unless
-    ``check_values`` is off: ``nonfinite_problems`` checks many updates at once), a negative
-    or non-integer ``num_samples`` and non-numeric metrics.
+    Rejects unknown or missing keys, other shapes or dtypes, a negative or non-integer
+    ``num_samples`` and non-numeric metrics.
     """
     if not isinstance(update.num_samples, int) or update.num_samples < 0:
         return f"num_samples must be an integer >= 0, got {update.num_samples!r}"
@@ -57,8 +56,6 @@ def update_problem(update: ClientUpdate, reference: Weights, *,
         if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
             return (f"{key} is {tuple(tensor.shape)} {tensor.dtype}, expected "
                     f"{tuple(expected.shape)} {expected.dtype}")
-    if check_values and (bad := _nonfinite_key(weights)) is not None:
-        return f"{bad} holds non-finite values"
     for name, value in update.metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             return f"metric {name!r} is not a number: {value!r}"
