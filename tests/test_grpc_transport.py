@@ -450,7 +450,7 @@ async def rogue_client(port: int, client_id: str, payload: bytes, *, declared: i
             header.size = declared
             await call.write(pb.ClientMessage(update=header))
             await call.write(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=payload)))
-        async for _ in call:
+        while await call.read() is not grpc.aio.EOF:  # stay connected until the server ends
             pass
 
 
