@@ -16,9 +16,13 @@
    and warm-up excluded); printed: the median over repetitions for each mode and the overhead
    ``grpc / serial - 1``. Every process uses ``--threads`` torch threads (default 1) so both
    modes do the same work per client; note that the gRPC clients train concurrently, so on a
-   machine with free cores it can be faster than serial, and on a busy one slower than the
-   transport alone explains. So the transport alone is measured too: a round trip of the
-   quickstart model to 10 echo client processes (no training), as a share of a serial round.
+   machine with a core per client it can be faster than serial, and on one with fewer cores
+   slower than the transport alone explains. Two references separate the two costs:
+   - the process floor: ``runtime.mode: parallel`` with ``workers: 10``, the same number of
+     processes as the gRPC deployment (one client each per round) talking over pipes, no gRPC:
+     what 10 training processes cost on this machine's cores;
+   - the transport alone: a round trip of the quickstart model to 10 echo client processes
+     (no training), as a share of a serial round.
 
 Run from the repository root:
 
@@ -129,13 +133,21 @@ def round_trip(params: int, reps: int) -> None:
     print(f"  update size / round trip: median {size / median / 1e6:.0f} MB/s")
 
 
+MODES = {
+    "serial": {"runtime.mode": "serial"},
+    "grpc": {"runtime.mode": "grpc"},
+    "floor": {"runtime.mode": "parallel", "runtime.workers": 10},
+}
+"""The runs of the overhead part; ``floor``: as many processes as ``grpc``, no gRPC."""
+
+
 def _per_round(mode: str, rounds: int, threads: int) -> tuple[float, float]:
     import oiafed
 
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         result = oiafed.run(QUICKSTART, run_dir=Path(folder) / "run", overrides={
-            "runtime.mode": mode, "runtime.threads": threads, "trainer.args.rounds": rounds})
+            **MODES[mode], "runtime.threads": threads, "trainer.args.rounds": rounds})
         total = time.perf_counter() - started
     return statistics.median(row["round_time"] for row in result.history[1:]), total
 
@@ -152,22 +164,27 @@ def _quickstart_weights() -> dict[str, torch.Tensor]:
 def overhead(rounds: int, reps: int, threads: int) -> None:
     torch.set_num_threads(threads)
     transport = asyncio.run(_round_trips(_quickstart_weights(), 10, 30))
-    per_round: dict[str, list[float]] = {"serial": [], "grpc": []}
-    totals: dict[str, list[float]] = {"serial": [], "grpc": []}
+    per_round: dict[str, list[float]] = {mode: [] for mode in MODES}
+    totals: dict[str, list[float]] = {mode: [] for mode in MODES}
     for rep in range(reps):
-        for mode in (("serial", "grpc") if rep % 2 == 0 else ("grpc", "serial")):
+        for mode in (list(MODES) if rep % 2 == 0 else list(MODES)[::-1]):
             seconds, total = _per_round(mode, rounds, threads)
             per_round[mode].append(seconds)
             totals[mode].append(total)
-    serial, grpc = statistics.median(per_round["serial"]), statistics.median(per_round["grpc"])
+    median = {mode: statistics.median(times) for mode, times in per_round.items()}
+    serial = median["serial"]
     print(f"quickstart ({QUICKSTART.name}: 10 clients, MLP, 2 epochs), {rounds} rounds, "
           f"{reps} repetitions, {threads} torch thread(s) per process, {os.cpu_count()} CPUs:")
-    for mode in ("serial", "grpc"):
-        print(f"  {mode:6s} per round (median after round 1) "
-              f"{statistics.median(per_round[mode]) * 1e3:7.1f} ms   "
-              f"whole run {statistics.median(totals[mode]):6.1f} s")
-    print(f"  per-round overhead of grpc over serial: {(grpc / serial - 1) * 100:+.1f} % "
+    labels = {"serial": "serial", "grpc": "grpc", "floor": "parallel, 10 workers"}
+    for mode in MODES:
+        runs = " ".join(f"{t * 1e3:.1f}" for t in per_round[mode])
+        print(f"  {labels[mode]:20s} per round (median after round 1) {median[mode] * 1e3:6.1f} ms"
+              f"  whole run {statistics.median(totals[mode]):5.1f} s   runs: {runs}")
+    print(f"  per-round overhead of grpc over serial: {(median['grpc'] / serial - 1) * 100:+.1f} % "
           "(goal <= 25 %)")
+    print(f"  process floor (10 processes, no gRPC) over serial: "
+          f"{(median['floor'] / serial - 1) * 100:+.1f} %; grpc over that floor: "
+          f"{(median['grpc'] / median['floor'] - 1) * 100:+.1f} %")
     cost = statistics.median(transport)
     print(f"  transport alone: a round trip of the quickstart model to 10 echo client processes "
           f"takes {cost * 1e3:.1f} ms (median of 30), {cost / serial * 100:.1f} % of a serial round")
