@@ -7,7 +7,6 @@ every process is bounded by a timeout and killed in ``finally``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -343,7 +342,7 @@ def test_a_client_can_train_on_a_local_dataset(tmp_path):
     cfg = oiafed.load_config(tiny_config(data={"type": "digits", "num_clients": 4}))
     train = build_trainer(cfg, "client_2", local_data=True)
     model = build_model(cfg, build_federated_data(cfg.data, cfg.seed))
-    update = asyncio.run(train(Task(1, 7, {"lr": 0.05}, model.state_dict())))
+    update = train(Task(1, 7, {"lr": 0.05}, model.state_dict()))
     assert update.num_samples == 1797  # all of digits, not a quarter of 80 % of it
     assert update.weights.keys() == model.state_dict().keys()
 

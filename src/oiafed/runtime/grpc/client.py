@@ -1,11 +1,10 @@
 """The client side of a deployment: a process that joins the server and trains when asked.
 
-``FederationClient`` holds the ``Connect`` stream (see ``proto/oiafed.proto``) in one thread, on
-``grpc.aio``: it says Hello, receives tasks with the global weights (inline or in chunks), awaits
-a training function and sends back the update the same way. A dropped connection is retried
-(with back-off) until the server says the run is over, or until it has been unreachable for
-``reconnect_timeout`` seconds. A refusal (wrong token, unknown client id, another model) is
-final.
+``FederationClient`` holds the ``Connect`` stream (see ``proto/oiafed.proto``): it says Hello,
+receives tasks with the global weights in chunks, hands them to a training function and sends
+back the update in chunks. A dropped connection is retried (with back-off) until the server
+says the run is over, or until it has been unreachable for ``reconnect_timeout`` seconds. A
+refusal (wrong token, unknown client id, another model) is final.
 
 ``run_client`` builds the training function from the config: the configured learner and
 callbacks (epoch hooks run in this process), trained on this client's partition, computed from
@@ -15,12 +14,12 @@ the seed exactly as the server computes it, or on a local dataset (``local_data`
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import os
+import queue
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +80,6 @@ class Finished:
     reason: str
 
 
-TrainFunction = Callable[[Task], ClientUpdate | Awaitable[ClientUpdate]]
-"""Trains from a ``Task``: a plain function or a coroutine function."""
-
-
 class _Dropped(Exception):
     """The connection ended after the server had welcomed us (retry)."""
 
@@ -95,15 +90,14 @@ class FederationClient:
     Args:
         server: ``HOST:PORT`` of the server.
         client_id: this client's id (``client_3``).
-        train: trains from a ``Task`` (a function or a coroutine function); returns the
-            ``ClientUpdate`` (an exception is reported to the server as this client's failure
-            in that round).
+        train: trains from a ``Task``; returns the ``ClientUpdate`` (an exception is reported
+            to the server as this client's failure in that round).
         security: token and TLS material.
         digest: the model digest the server checks (``wire.model_digest(cfg)``).
         reconnect_timeout: give up after this many seconds without a connection.
     """
 
-    def __init__(self, server: str, client_id: str, train: TrainFunction,
+    def __init__(self, server: str, client_id: str, train: Callable[[Task], ClientUpdate],
                  security: ClientSecurity, *, digest: str = "",
                  reconnect_timeout: float = 300.0) -> None:
         parse_address(server, "--server")
@@ -122,14 +116,11 @@ class FederationClient:
             RefusedError: when the server refuses this client.
             ServerUnreachable: when no connection could be made for ``reconnect_timeout``.
         """
-        return asyncio.run(self._run())
-
-    async def _run(self) -> Finished:
         last_seen = time.monotonic()
         delay, last_error = 0.1, ""
         while True:
             try:
-                return await self._session()
+                return self._session()
             except _Dropped as exc:
                 logger.warning("connection to %s lost (%s); reconnecting", self.server, exc)
                 last_seen, delay = time.monotonic(), 0.1
@@ -150,86 +141,94 @@ class FederationClient:
                 raise ServerUnreachable(
                     f"could not reach the server {self.server} for {self.reconnect_timeout:g}s "
                     f"(last error: {last_error or 'none'}){hint}")
-            await asyncio.sleep(delay)
+            time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _channel(self) -> grpc.aio.Channel:
+    def _channel(self) -> grpc.Channel:
         options = [*CLIENT_OPTIONS, *self.security.channel_options()]
         credentials = self.security.credentials()
         if credentials is None:
-            return grpc.aio.insecure_channel(self.server, options=options)
-        return grpc.aio.secure_channel(self.server, credentials, options=options)
+            return grpc.insecure_channel(self.server, options=options)
+        return grpc.secure_channel(self.server, credentials, options=options)
 
-    async def _session(self) -> Finished:
-        async with self._channel() as channel:
-            call = pb_grpc.FederationStub(channel).Connect(metadata=self.security.metadata())
-            await call.write(pb.ClientMessage(hello=pb.Hello(
-                client_id=self.client_id, protocol=PROTOCOL, model_digest=self.digest,
-                pid=os.getpid())))
-            first = await call.read()  # grpc.RpcError when refused or unreachable
-            if first is grpc.aio.EOF:
-                raise _Dropped("the server closed the connection")
+    def _session(self) -> Finished:
+        outbox: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
+        outbox.put(pb.ClientMessage(hello=pb.Hello(client_id=self.client_id, protocol=PROTOCOL,
+                                                   model_digest=self.digest, pid=os.getpid())))
+
+        def requests() -> Iterator[pb.ClientMessage]:
+            while (message := outbox.get()) is not None:
+                yield message
+
+        channel = self._channel()
+        call = pb_grpc.FederationStub(channel).Connect(requests(),
+                                                       metadata=self.security.metadata())
+        try:
+            first = next(call)  # grpc.RpcError when refused or unreachable
             if first.WhichOneof("kind") != "welcome":
                 raise RefusedError(f"the server {self.server} did not welcome the client")
             self.connections += 1
             logger.info("joined %s as %s", self.server, self.client_id)
             try:
-                return await self._serve(call)
+                return self._serve(call, outbox)
             except grpc.RpcError as exc:
                 raise _Dropped(f"{exc.code().name}: {exc.details()}") from None
-            except WireError as exc:
-                raise _Dropped(f"malformed message from the server: {exc}") from None
-            finally:
-                call.cancel()
+        except StopIteration:
+            raise _Dropped("the server closed the connection") from None
+        except WireError as exc:
+            raise _Dropped(f"malformed message from the server: {exc}") from None
+        finally:
+            outbox.put(None)
+            call.cancel()
+            channel.close()
 
-    async def _serve(self, call: grpc.aio.StreamStreamCall) -> Finished:
+    def _serve(self, call: Iterator[pb.ServerMessage],
+               outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> Finished:
         task: pb.TrainTask | None = None
         assembler: Assembler | None = None
-        while (message := await call.read()) is not grpc.aio.EOF:
+        for message in call:
             kind = message.WhichOneof("kind")
             if kind == "task":
                 task, assembler = message.task, Assembler(message.task.size, MAX_PAYLOAD)
                 if assembler.add(message.task.data):
-                    await self._answer(call, task, assembler)
+                    self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "chunk":
                 if task is None or message.chunk.task_id != task.task_id:
                     continue
                 if assembler.add(message.chunk.data):
-                    await self._answer(call, task, assembler)
+                    self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "finish":
-                await call.done_writing()  # half-close: the server sees the end of our stream
-                while await call.read() is not grpc.aio.EOF:
+                outbox.put(None)  # half-close: the server sees the end of our stream
+                for _ in call:
                     pass
                 return Finished(message.finish.ok, message.finish.reason)
         raise _Dropped("the server ended the stream without finishing the run")
 
-    async def _answer(self, call: grpc.aio.StreamStreamCall, task: pb.TrainTask,
-                      assembler: Assembler) -> None:
+    def _answer(self, task: pb.TrainTask, assembler: Assembler,
+                outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
         try:
             work = Task(task.round, task.seed, json.loads(task.config_json or "{}"),
                         assembler.weights())
             update = self.train(work)
-            if inspect.isawaitable(update):
-                update = await update
             size, pieces = encode_chunks(update.weights)
-            pieces = list(pieces)
         except Exception as exc:
             logger.exception("round %d: training failed", task.round)
-            await call.write(pb.ClientMessage(error=pb.TaskError(
-                task_id=task.task_id, error=f"{type(exc).__name__}: {exc}")))
+            outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
+                                                           error=f"{type(exc).__name__}: {exc}")))
             return
-        await call.write(pb.ClientMessage(update=pb.UpdateHeader(
+        pieces = list(pieces)
+        outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
             task_id=task.task_id, num_samples=update.num_samples, size=size,
             metrics={k: float(v) for k, v in update.metrics.items()},
             data=pieces.pop() if len(pieces) == 1 else b"")))  # one piece travels inside
         for piece in pieces:
-            await call.write(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
+            outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
 
 
 def build_trainer(cfg: ExperimentConfig, client_id: str, *, local_data: bool = False
-                  ) -> Callable[[Task], Awaitable[ClientUpdate]]:
+                  ) -> Callable[[Task], ClientUpdate]:
     """The training function of ``client_id``: the configured learner (and callbacks) on the
     client's partition of the configured data, or, with ``local_data``, on the whole
     configured dataset (a local one, e.g. ``data.type=mnist data.args.root=/data/site3``).
@@ -257,9 +256,12 @@ def build_trainer(cfg: ExperimentConfig, client_id: str, *, local_data: bool = F
             ids = worker.data.client_ids
             raise InputError(f"unknown client id {client_id!r}: the config has {ids[0]} .. "
                              f"{ids[-1]} ({len(ids)} clients)") from None
-    async def train(task: Task) -> ClientUpdate:
-        return await learner.fit(client_id, task.weights, data, round_num=task.round_num,
-                                 seed=task.seed, config=task.config)
+    loop = asyncio.new_event_loop()
+
+    def train(task: Task) -> ClientUpdate:
+        return loop.run_until_complete(learner.fit(
+            client_id, task.weights, data, round_num=task.round_num, seed=task.seed,
+            config=task.config))
 
     return train
 
