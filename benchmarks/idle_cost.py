@@ -29,12 +29,16 @@ from pathlib import Path
 
 import torch
 
+from oiafed.core.learner import Learner
+from oiafed.core.types import Weights
+from oiafed.data.arrays import ArrayDataset
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
-async def _cpu_per_call(learner: object, cid: str, weights: dict, data: object, calls: int,
-                        pause: float) -> float:
+async def _cpu_per_call(learner: Learner, cid: str, weights: Weights, data: ArrayDataset,
+                        calls: int, pause: float) -> float:
     """Median CPU seconds of ``learner.fit`` for ``cid``, with ``pause`` seconds between calls."""
     times = []
     for call in range(calls + 3):  # three warm-ups
