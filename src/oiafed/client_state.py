@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from oiafed.exceptions import OiafedError
+from oiafed.exceptions import ClientStateError
 from oiafed.io import atomic_open
 
 SUFFIX = ".safetensors"
@@ -41,10 +41,6 @@ VALUES_KEY = "oiafed.values"
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
 State = dict[str, Any]
-
-
-class ClientStateError(OiafedError):
-    """A client's state cannot be stored (bad id or value) or read back (corrupt file)."""
 
 
 class ClientStateStore:

@@ -1,4 +1,24 @@
-"""The errors oiafed raises; the CLI maps them to exit codes (bad input -> 2)."""
+"""Every error oiafed raises on purpose, in one hierarchy; ``exit_code`` maps them to the
+CLI's exit codes (0 success, 2 bad input, 1 failure, 130 interrupted).
+
+::
+
+    OiafedError
+    ├── InputError                 bad input from the user: exit 2
+    │   ├── ConfigError
+    │   │   └── RegistryError
+    │   └── RefusedError
+    ├── CallbackError
+    ├── ClientTrainingError
+    ├── RoundFailed
+    ├── SelectionError
+    ├── RuntimeFailure
+    │   ├── WorkerError
+    │   └── DeploymentError
+    ├── ServerUnreachable
+    ├── WireError
+    └── ClientStateError
+"""
 
 from __future__ import annotations
 
@@ -47,6 +67,10 @@ class RegistryError(ConfigError):
         super().__init__(message, path=path)
 
 
+class RefusedError(InputError):
+    """The server refused this client (token, client id, model, TLS): retrying cannot help."""
+
+
 class CallbackError(OiafedError):
     """A callback hook raised while ``strict`` mode was on.
 
@@ -59,3 +83,66 @@ class CallbackError(OiafedError):
         self.callback = callback
         self.hook = hook
         super().__init__(f"{callback}.{hook} raised {type(error).__name__}: {error}")
+
+
+class ClientTrainingError(OiafedError):
+    """A client's local training raised while ``strict`` mode was on.
+
+    Attributes:
+        client_id: the client whose training raised.
+        round_num: the round it trained for.
+        traceback: the traceback text, from wherever the client ran.
+    """
+
+    def __init__(self, client_id: str, round_num: int, traceback: str) -> None:
+        self.client_id = client_id
+        self.round_num = round_num
+        self.traceback = traceback
+        super().__init__(f"round {round_num}: training {client_id} raised (strict mode):\n"
+                         f"{traceback.rstrip()}")
+
+
+class RoundFailed(OiafedError):
+    """A round ended with fewer usable updates than the quorum (``min_clients``)."""
+
+
+class SelectionError(OiafedError):
+    """``trainer.client_selection_weights`` holds an unknown id or a bad weight."""
+
+
+class RuntimeFailure(OiafedError):
+    """A runtime cannot train clients any more (its workers or its deployment failed)."""
+
+
+class WorkerError(RuntimeFailure):
+    """Worker processes (or Ray actors) fail to start, or cannot be reached."""
+
+
+class DeploymentError(RuntimeFailure):
+    """The deployment cannot go on (too few clients joined, a client process died at start)."""
+
+
+class ServerUnreachable(OiafedError):
+    """The server could not be reached for ``reconnect_timeout`` seconds."""
+
+
+class WireError(OiafedError):
+    """Bytes received from another process or machine are malformed."""
+
+
+class ClientStateError(OiafedError):
+    """A client's state cannot be stored (bad id or value) or read back (corrupt file)."""
+
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def exit_code(error: BaseException | None) -> int:
+    """The CLI's exit code for a command that ended with ``error`` (None: success)."""
+    if error is None:
+        return EXIT_OK
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, InputError):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED

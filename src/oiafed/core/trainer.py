@@ -18,7 +18,7 @@ from oiafed.core.types import ClientFailure, ClientUpdate, RoundResult, TrainRes
 from oiafed.core.validation import nonfinite_problems, update_problem
 from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
-from oiafed.exceptions import ConfigError, OiafedError
+from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
 from oiafed.registry import register
 from oiafed.seeding import SAMPLING, rng
 
@@ -41,14 +41,6 @@ class RoundRecorder(Protocol):
     """Receives each round's history row as soon as the round ends (the run folder)."""
 
     def record_round(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
-
-
-class RoundFailed(OiafedError):
-    """A round ended with fewer usable updates than the quorum (``min_clients``)."""
-
-
-class SelectionError(OiafedError):
-    """``trainer.client_selection_weights`` holds an unknown id or a bad weight."""
 
 
 @register("trainer.default")

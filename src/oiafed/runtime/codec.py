@@ -16,11 +16,7 @@ from safetensors.torch import load as _load_tensors
 from safetensors.torch import save as _save_tensors
 
 from oiafed.core.types import ClientUpdate, Weights
-from oiafed.exceptions import OiafedError
-
-
-class WireError(OiafedError):
-    """Bytes received from another process or machine are malformed."""
+from oiafed.exceptions import WireError
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None

@@ -46,7 +46,7 @@ import torch
 from oiafed.callbacks.base import Callback
 from oiafed.config import ExperimentConfig
 from oiafed.core.types import ClientFailure, ClientUpdate, Weights
-from oiafed.exceptions import OiafedError
+from oiafed.exceptions import WorkerError
 from oiafed.runtime.codec import (
     WireError,
     decode_json,
@@ -79,11 +79,6 @@ STRAGGLER_SECONDS = 1.0
 takes the client queued behind it."""
 
 Outcome = ClientUpdate | ClientFailure
-
-
-class WorkerError(OiafedError):
-    """Worker processes (or Ray actors) cannot train: they fail to start, or ``strict`` mode
-    is on and local training raised."""
 
 
 def create(cfg: ExperimentConfig, worker: ClientWorker) -> ParallelRuntime:

@@ -30,7 +30,7 @@ from oiafed import registry
 from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig
 from oiafed.core.types import ClientUpdate, Weights
-from oiafed.exceptions import InputError, OiafedError
+from oiafed.exceptions import InputError, RefusedError, ServerUnreachable
 from oiafed.runtime.codec import WireError
 from oiafed.runtime.grpc.auth import ClientSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
@@ -52,14 +52,6 @@ MAX_PAYLOAD = 1 << 36
 REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_")
-
-
-class RefusedError(InputError):
-    """The server refused this client (token, client id, model, TLS): retrying cannot help."""
-
-
-class ServerUnreachable(OiafedError):
-    """The server could not be reached for ``reconnect_timeout`` seconds."""
 
 
 @dataclass

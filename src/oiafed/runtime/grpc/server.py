@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from oiafed.core.types import ClientFailure, ClientUpdate, Weights
-from oiafed.exceptions import InputError, OiafedError
+from oiafed.exceptions import DeploymentError, InputError
 from oiafed.runtime.codec import WireError
 from oiafed.runtime.grpc.auth import ServerSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
@@ -48,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 10.0
 """Seconds ``close`` gives each client to take its Finish message and hang up."""
-
-
-class DeploymentError(OiafedError):
-    """The deployment cannot go on (too few clients joined, a client process died at start)."""
 
 
 class _Task:
