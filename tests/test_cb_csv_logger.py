@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 
@@ -9,8 +10,8 @@ import pytest
 
 import oiafed
 from oiafed import ConfigError, registry
-from oiafed.callbacks import CSVLoggerCallback
-from oiafed.testing import FakeTrainer, run_rounds
+from oiafed.callbacks import CallbackManager, CSVLoggerCallback
+from oiafed.testing import FakeTrainer, make_round_result, run_rounds
 from support import tiny_config
 
 
@@ -57,6 +58,27 @@ def test_relative_filename_without_run_dir_is_in_the_working_directory(tmp_path,
     monkeypatch.chdir(tmp_path)
     run_rounds([CSVLoggerCallback("out.csv")], [{"loss": 1.0}])
     assert read(tmp_path / "out.csv")[0] == ["round", "loss"]
+
+
+def test_a_run_ended_by_an_exception_leaves_every_row_on_disk(tmp_path):
+    trainer, logger = FakeTrainer(run_dir=tmp_path), CSVLoggerCallback()
+    manager = CallbackManager([logger], strict=True)
+    metrics = [{"loss": 0.9}, {"loss": 0.8, "accuracy": 0.5}, {"loss": 0.7}]
+
+    async def failed_run():
+        await manager.on_train_start(trainer)
+        for round_num, values in enumerate(metrics, start=1):
+            await manager.on_round_end(trainer, round_num, make_round_result(round_num, values))
+        await manager.on_exception(trainer, KeyboardInterrupt())  # no on_train_end
+
+    asyncio.run(failed_run())
+    assert manager.errors == []
+    assert read(tmp_path / "metrics.csv") == (["round", "loss", "accuracy"], [
+        {"round": "1", "loss": "0.9", "accuracy": ""},
+        {"round": "2", "loss": "0.8", "accuracy": "0.5"},
+        {"round": "3", "loss": "0.7", "accuracy": ""},
+    ])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no temp files
 
 
 @pytest.mark.parametrize("value", ["", "folder/", 3, None])

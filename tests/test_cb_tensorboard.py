@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import oiafed
 from oiafed import ConfigError, registry
-from oiafed.callbacks import TensorBoardCallback
+from oiafed.callbacks import CallbackManager, TensorBoardCallback
 from oiafed.testing import FakeTrainer, make_round_result, run_rounds
 from support import tiny_config
 
@@ -53,6 +53,41 @@ def test_each_round_is_on_disk_before_the_next_starts(tmp_path):
     asyncio.run(board.on_round_end(trainer, 1, make_round_result(1, accuracy=0.25)))
     assert scalars(tmp_path / "x") == {"accuracy": [(1, 0.25)]}  # flushed, writer still open
     board.close()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("round failed")])
+def test_a_run_ended_by_an_exception_flushes_and_closes_the_event_file(tmp_path, error):
+    trainer, board = FakeTrainer(run_dir=tmp_path), TensorBoardCallback(log_dir="tb")
+    manager = CallbackManager([board], strict=True)
+
+    async def failed_run():
+        await manager.on_train_start(trainer)
+        for round_num, accuracy in enumerate((0.5, 0.6, 0.7), start=1):
+            await manager.on_round_end(trainer, round_num, make_round_result(
+                round_num, accuracy=accuracy, loss=1.0 - accuracy))
+        await manager.on_exception(trainer, error)  # the run dies: no on_train_end
+
+    asyncio.run(failed_run())
+    assert board.writer is None  # released, as on_train_end would
+    assert manager.errors == []
+    found = scalars(tmp_path / "tb")
+    assert found["accuracy"] == [(1, pytest.approx(0.5)), (2, pytest.approx(0.6)),
+                                 (3, pytest.approx(0.7))]
+    assert found["loss"] == [(1, pytest.approx(0.5)), (2, pytest.approx(0.4)),
+                             (3, pytest.approx(0.3))]
+
+
+def test_on_exception_closes_the_writer_itself(tmp_path):
+    trainer, board = FakeTrainer(run_dir=tmp_path), TensorBoardCallback(log_dir="tb")
+    asyncio.run(board.on_train_start(trainer))
+    asyncio.run(board.on_round_end(trainer, 1, make_round_result(1, accuracy=0.5)))
+    writer = board.writer
+    assert writer is not None
+    writer.add_scalar("unflushed", 1.0, 1)  # written after the round's flush
+    asyncio.run(board.on_exception(trainer, KeyboardInterrupt()))
+    assert board.writer is None and writer.all_writers is None  # SummaryWriter.close() ran
+    assert scalars(tmp_path / "tb") == {"accuracy": [(1, 0.5)], "unflushed": [(1, 1.0)]}
+    asyncio.run(board.on_exception(trainer, KeyboardInterrupt()))  # twice: harmless
 
 
 @pytest.mark.parametrize("value", [42, "", None])

@@ -18,7 +18,7 @@ import yaml
 
 import oiafed
 from oiafed.exceptions import InputError
-from oiafed.state import STATE_FILE, load_state
+from oiafed.state import STATE_FILE, StateWriter, load_state
 from support import Interrupt, tiny_config, without_timing
 
 CONFIG = tiny_config(
@@ -71,17 +71,29 @@ def test_rounds_after_the_last_saved_state_are_redone_once(tmp_path):
     assert without_timing(resumed.history) == without_timing(whole.history)
 
 
-def test_checkpoint_interval_spaces_the_saves_out_but_always_saves_the_end(tmp_path):
+def test_checkpoint_interval_spaces_the_saves_out_but_always_saves_the_end(tmp_path, monkeypatch):
     config = {**CONFIG, "runtime": {"checkpoint_interval": 3600}}
-    with pytest.raises(KeyboardInterrupt):
-        oiafed.run(config, run_dir=tmp_path / "cut", callbacks=[Interrupt(4)])
-    assert not (tmp_path / "cut" / STATE_FILE).exists()  # nothing saved within the hour
-    with pytest.raises(InputError, match="does not exist"):
-        oiafed.run(None, resume=tmp_path / "cut")
-
+    written = []
+    submit = StateWriter.submit_snapshot
+    monkeypatch.setattr(StateWriter, "submit_snapshot",
+                        lambda self, snap: (written.append(snap), submit(self, snap))[1])
     whole = oiafed.run(config, run_dir=tmp_path / "whole")
+    assert len(written) == 2  # after the first round and after the last, none within the hour
     assert load_state(tmp_path / "whole")["trainer"]["round_num"] == 6  # the last round
     assert_same_weights(load_state(tmp_path / "whole")["trainer"]["weights"], whole.weights)
+
+
+def test_a_failed_run_leaves_the_state_of_its_last_completed_round(tmp_path):
+    config = {**CONFIG, "runtime": {"checkpoint_interval": 3600}}
+    whole = oiafed.run(config, run_dir=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(config, run_dir=tmp_path / "cut", callbacks=[Interrupt(4)])
+    assert load_state(tmp_path / "cut")["trainer"]["round_num"] == 3  # round 4 never ended
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and summary["rounds_completed"] == 3
+    resumed = oiafed.run(None, resume=tmp_path / "cut")
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert_same_weights(resumed.weights, whole.weights)
 
 
 def test_resuming_a_finished_run_changes_nothing_in_the_result(tmp_path):

@@ -54,6 +54,7 @@ class Experiment:
             client_ids=data.client_ids,
             seed=cfg.seed,
             config=cfg,
+            index_of=data.index_of,
         )
         return cls(cfg, data, trainer, manager)
 
@@ -113,13 +114,35 @@ def run(
     logger.info("run folder: %s", folder.path)
     try:
         result = run_coroutine(trainer.fit())
-        result.run_dir = folder.path
+    except BaseException as exc:
+        _end_failed(folder, trainer, exc)
+        raise
+    result.run_dir = folder.path
+    try:
         if not folder.saved_round(trainer.round_num):
             folder.save_state(trainer)
     finally:
         folder.close()
     folder.write_summary(result)
     return result
+
+
+def _end_failed(folder: RunFolder, trainer: Trainer, exc: BaseException) -> None:
+    """After a run ended by ``exc``: the state of the last completed round on disk, a summary
+    saying why it stopped, and how to resume it in the log."""
+    interrupted = isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+    reason = "interrupted" if interrupted else f"failed: {type(exc).__name__}: {exc}"
+    result = trainer.result(stop_reason=reason)
+    result.run_dir = folder.path
+    try:
+        folder.save_pending()
+    finally:
+        folder.close()
+    folder.write_summary(result)
+    if folder.has_state():
+        logger.warning("the run %s after round %d; its state is saved in %s: continue it "
+                       "with --resume %s", "was interrupted" if interrupted else "failed",
+                       result.rounds_completed, folder.path, folder.path)
 
 
 def _resume(

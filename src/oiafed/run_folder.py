@@ -12,7 +12,7 @@ from oiafed.config import ExperimentConfig, RuntimeConfig
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
-from oiafed.state import STATE_FILE, StateWriter
+from oiafed.state import STATE_FILE, Snapshot, StateWriter, take_snapshot
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -26,9 +26,11 @@ def _jsonable(value: Any) -> Any:
 
 class RunFolder:
     """One run's folder. After each round ``record_round`` appends a line to ``metrics.jsonl``
-    and saves the resumable state (``state.safetensors``) every ``checkpoint_every`` rounds,
-    at most once per ``checkpoint_interval`` seconds (counted from the folder's opening; the
-    last and a stopping round always)."""
+    and snapshots the resumable state every ``checkpoint_every`` rounds; the snapshot is
+    written (``state.safetensors``) at most once per ``checkpoint_interval`` seconds (counted
+    from the folder's opening; the first, the last and a stopping round always). A run that
+    fails writes the last snapshot kept (``save_pending``), so the state on disk is always
+    that of the last completed round."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -36,6 +38,7 @@ class RunFolder:
         self.checkpoint_interval = 0.0
         self._saved_round: int | None = None
         self._saved_at = time.monotonic()
+        self._pending: tuple[int, Snapshot] | None = None
         self._state_writer = StateWriter(path)
         self._metrics: IO[str] | None = None
 
@@ -87,23 +90,36 @@ class RunFolder:
             self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._metrics.flush()  # in the OS's hands: a killed process loses no finished round
-        if self._state_due(trainer, row["round"]):
-            self.save_state(trainer)
-
-    def _state_due(self, trainer: Any, round_num: int) -> bool:
+        round_num = row["round"]
         if not self.checkpoint_every or round_num % self.checkpoint_every:
-            return False
-        if round_num >= trainer.rounds or trainer.should_stop:
-            return True
-        return time.monotonic() - self._saved_at >= self.checkpoint_interval
+            return
+        snapshot = take_snapshot(trainer.state_dict(include_history=False))
+        if (self._saved_round is None or round_num >= trainer.rounds or trainer.should_stop
+                or time.monotonic() - self._saved_at >= self.checkpoint_interval):
+            self._write(round_num, snapshot)
+        else:
+            self._pending = (round_num, snapshot)
 
     def save_state(self, trainer: Any) -> None:
         """Snapshot the resumable state of ``trainer``; it reaches disk atomically, in the
         background (``close`` waits for it)."""
         if self.checkpoint_every:
-            self._state_writer.submit(trainer.state_dict(include_history=False))
-            self._saved_round = trainer.round_num
-            self._saved_at = time.monotonic()
+            self._write(trainer.round_num, take_snapshot(trainer.state_dict(include_history=False)))
+
+    def save_pending(self) -> None:
+        """Write the last snapshot kept back by ``checkpoint_interval``, if any."""
+        if self._pending is not None:
+            self._write(*self._pending)
+
+    def has_state(self) -> bool:
+        """Whether a state file is (or is being) written."""
+        return self._saved_round is not None or (self.path / STATE_FILE).exists()
+
+    def _write(self, round_num: int, snapshot: Snapshot) -> None:
+        self._state_writer.submit_snapshot(snapshot)
+        self._saved_round = round_num
+        self._saved_at = time.monotonic()
+        self._pending = None
 
     def close(self) -> None:
         """Close ``metrics.jsonl`` and wait until the last state snapshot is on disk."""

@@ -140,7 +140,10 @@ class StateWriter:
         self._pending: Future[None] | None = None
 
     def submit(self, trainer_state: dict[str, Any]) -> None:
-        snapshot = take_snapshot(trainer_state)
+        self.submit_snapshot(take_snapshot(trainer_state))
+
+    def submit_snapshot(self, snapshot: Snapshot) -> None:
+        """Write ``snapshot`` (after the write in flight, if any)."""
         self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oiafed-state")

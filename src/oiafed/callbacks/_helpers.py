@@ -10,11 +10,14 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from oiafed.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from oiafed.core.trainer import Trainer
 
 MODES = ("max", "min")
 
@@ -123,7 +126,7 @@ def is_better(current: float, best: float | None, mode: str, min_delta: float = 
     return current > best + min_delta if mode == "max" else current < best - min_delta
 
 
-def resolve_path(trainer: Any, path: str | Path) -> Path:
+def resolve_path(trainer: Trainer, path: str | Path) -> Path:
     """``path`` itself when absolute; else inside ``trainer.run_dir`` (the cwd when it is None)."""
     target = Path(path).expanduser()
     if target.is_absolute():
@@ -132,13 +135,22 @@ def resolve_path(trainer: Any, path: str | Path) -> Path:
     return (Path(base) if base is not None else Path.cwd()) / target
 
 
-def monitor_state(callback: Any) -> dict[str, Any]:
+class Monitor(Protocol):
+    """A callback that watches one metric and remembers its best value and round."""
+
+    metric: str
+    mode: str
+    best: float | None
+    best_round: int | None
+
+
+def monitor_state(callback: Monitor) -> dict[str, Any]:
     """The JSON-able state every metric-watching callback keeps: metric, mode, best, round."""
     return {"metric": callback.metric, "mode": callback.mode, "best": callback.best,
             "best_round": callback.best_round}
 
 
-def load_monitor_state(owner: str, callback: Any, state: Mapping[str, Any]) -> None:
+def load_monitor_state(owner: str, callback: Monitor, state: Mapping[str, Any]) -> None:
     """Restore ``monitor_state``'s output, refusing a state that watched another metric/mode."""
     for key in ("metric", "mode"):
         if key in state and state[key] != getattr(callback, key):

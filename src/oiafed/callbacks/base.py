@@ -6,10 +6,15 @@ import inspect
 import logging
 from abc import ABC
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oiafed import registry
 from oiafed.exceptions import CallbackError, ConfigError
+
+if TYPE_CHECKING:
+    from oiafed.core.learner import Learner
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import ClientUpdate, RoundResult, TrainResult, Weights
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,7 @@ HOOKS = (
     "on_aggregate_end",
     "on_client_failure",
     "on_client_join",
+    "on_exception",
 )
 
 
@@ -34,36 +40,45 @@ class Callback(ABC):  # noqa: B024 - the seed makes it an ABC whose hooks are al
     that new context can be passed later without breaking them.
     """
 
-    async def on_train_start(self, trainer: Any, **kwargs: Any) -> None:
+    async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         """Called once before the first round."""
 
-    async def on_train_end(self, trainer: Any, result: Any, **kwargs: Any) -> None:
+    async def on_train_end(self, trainer: Trainer, result: TrainResult, **kwargs: Any) -> None:
         """Called once after the last round with the ``TrainResult``."""
 
-    async def on_round_start(self, trainer: Any, round_num: int, **kwargs: Any) -> None:
+    async def on_round_start(self, trainer: Trainer, round_num: int, **kwargs: Any) -> None:
         """Called at the start of each round, before clients are selected."""
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """Called after each round's evaluation with the ``RoundResult``."""
 
-    async def on_epoch_start(self, learner: Any, epoch: int, **kwargs: Any) -> None:
+    async def on_epoch_start(self, learner: Learner, epoch: int, **kwargs: Any) -> None:
         """Called where the learner runs, before each local epoch (epochs start at 1)."""
 
-    async def on_epoch_end(self, learner: Any, epoch: int, metrics: dict, **kwargs: Any) -> None:
+    async def on_epoch_end(self, learner: Learner, epoch: int, metrics: dict[str, float],
+                           **kwargs: Any) -> None:
         """Called where the learner runs, after each local epoch with its metrics."""
 
-    async def on_aggregate_start(self, trainer: Any, updates: list, **kwargs: Any) -> None:
+    async def on_aggregate_start(self, trainer: Trainer, updates: list[ClientUpdate],
+                                 **kwargs: Any) -> None:
         """Called with the round's ``ClientUpdate`` list before aggregation."""
 
-    async def on_aggregate_end(self, trainer: Any, weights: dict, **kwargs: Any) -> None:
+    async def on_aggregate_end(self, trainer: Trainer, weights: Weights, **kwargs: Any) -> None:
         """Called with the new global weights after aggregation."""
 
-    async def on_client_failure(self, trainer: Any, client_id: str, error: str,
+    async def on_client_failure(self, trainer: Trainer, client_id: str, error: str,
                                 **kwargs: Any) -> None:
-        """Called when a sampled client gives no usable update (it is left out of the round)."""
+        """Called when a sampled client gives no usable update (it is left out of the round);
+        ``error`` says why (the traceback text when its training raised)."""
 
-    async def on_client_join(self, trainer: Any, client_id: str, **kwargs: Any) -> None:
+    async def on_client_join(self, trainer: Trainer, client_id: str, **kwargs: Any) -> None:
         """Called when a client process joins (or rejoins) a deployed federation."""
+
+    async def on_exception(self, trainer: Trainer, exception: BaseException,
+                           **kwargs: Any) -> None:
+        """Called when the run ends by an exception (``KeyboardInterrupt`` included), before
+        the teardown; ``on_train_end`` is not called then. Close what ``on_train_end`` would."""
 
     @property
     def state_key(self) -> str:
@@ -192,33 +207,40 @@ class CallbackManager:
             raise CallbackError(label, hook, exc) from exc
         logger.exception("callback %s.%s failed (training goes on)", label, hook)
 
-    async def on_train_start(self, trainer: Any, **kwargs: Any) -> None:
+    async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         await self.call("on_train_start", trainer, **kwargs)
 
-    async def on_train_end(self, trainer: Any, result: Any, **kwargs: Any) -> None:
+    async def on_train_end(self, trainer: Trainer, result: TrainResult, **kwargs: Any) -> None:
         await self.call("on_train_end", trainer, result, **kwargs)
 
-    async def on_round_start(self, trainer: Any, round_num: int, **kwargs: Any) -> None:
+    async def on_round_start(self, trainer: Trainer, round_num: int, **kwargs: Any) -> None:
         await self.call("on_round_start", trainer, round_num, **kwargs)
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         await self.call("on_round_end", trainer, round_num, result, **kwargs)
 
-    async def on_epoch_start(self, learner: Any, epoch: int, **kwargs: Any) -> None:
+    async def on_epoch_start(self, learner: Learner, epoch: int, **kwargs: Any) -> None:
         await self.call("on_epoch_start", learner, epoch, **kwargs)
 
-    async def on_epoch_end(self, learner: Any, epoch: int, metrics: dict, **kwargs: Any) -> None:
+    async def on_epoch_end(self, learner: Learner, epoch: int, metrics: dict[str, float],
+                           **kwargs: Any) -> None:
         await self.call("on_epoch_end", learner, epoch, metrics, **kwargs)
 
-    async def on_aggregate_start(self, trainer: Any, updates: list, **kwargs: Any) -> None:
+    async def on_aggregate_start(self, trainer: Trainer, updates: list[ClientUpdate],
+                                 **kwargs: Any) -> None:
         await self.call("on_aggregate_start", trainer, updates, **kwargs)
 
-    async def on_aggregate_end(self, trainer: Any, weights: dict, **kwargs: Any) -> None:
+    async def on_aggregate_end(self, trainer: Trainer, weights: Weights, **kwargs: Any) -> None:
         await self.call("on_aggregate_end", trainer, weights, **kwargs)
 
-    async def on_client_failure(self, trainer: Any, client_id: str, error: str,
+    async def on_client_failure(self, trainer: Trainer, client_id: str, error: str,
                                 **kwargs: Any) -> None:
         await self.call("on_client_failure", trainer, client_id, error, **kwargs)
 
-    async def on_client_join(self, trainer: Any, client_id: str, **kwargs: Any) -> None:
+    async def on_client_join(self, trainer: Trainer, client_id: str, **kwargs: Any) -> None:
         await self.call("on_client_join", trainer, client_id, **kwargs)
+
+    async def on_exception(self, trainer: Trainer, exception: BaseException,
+                           **kwargs: Any) -> None:
+        await self.call("on_exception", trainer, exception, **kwargs)

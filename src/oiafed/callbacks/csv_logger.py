@@ -6,13 +6,17 @@ import csv
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oiafed.callbacks._helpers import as_number, resolve_path
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.io import atomic_write_text
 from oiafed.registry import register
+
+if TYPE_CHECKING:
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import RoundResult
 
 NAME = "csv_logger"
 
@@ -62,11 +66,11 @@ class CSVLoggerCallback(Callback):
         self._resumed = False
         self._ready = False
 
-    async def on_train_start(self, trainer: Any, **kwargs: Any) -> None:
+    async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         """Resolve the path (inside the run folder when relative)."""
         self.path = resolve_path(trainer, self.filename)
 
-    def _prepare(self, trainer: Any) -> Path:
+    def _prepare(self, trainer: Trainer) -> Path:
         """On the first write: start the file afresh, or trim it to the resumed round."""
         if self.path is None:
             self.path = resolve_path(trainer, self.filename)
@@ -74,14 +78,15 @@ class CSVLoggerCallback(Callback):
             self._ready = True
             if self._resumed and self.path.exists():
                 rows = [row for row in self._read() if _round_of(row) <= self.last_round]
-                self._rewrite(rows)
+                self._rewrite(self.path, rows)
             else:
                 if not self._resumed:
                     self.columns = []
-                self._rewrite([])
+                self._rewrite(self.path, [])
         return self.path
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """Append this round's row (rewriting the header first if a metric is new)."""
         path = self._prepare(trainer)
         row = {"round": round_num, **{str(k): _cell(v) for k, v in result.metrics.items()}}
@@ -89,7 +94,7 @@ class CSVLoggerCallback(Callback):
         if new:
             rows = self._read()
             self.columns += new
-            self._rewrite([*rows, row])
+            self._rewrite(path, [*rows, row])
         else:
             with open(path, "a", newline="", encoding="utf-8") as handle:
                 csv.DictWriter(handle, self.columns, restval="", lineterminator="\n").writerow(row)
@@ -101,14 +106,14 @@ class CSVLoggerCallback(Callback):
         with open(self.path, newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
 
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+    def _rewrite(self, path: Path, rows: list[dict[str, Any]]) -> None:
         buffer = io.StringIO(newline="")
         if self.columns:
             writer = csv.DictWriter(buffer, self.columns, restval="", extrasaction="ignore",
                                     lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-        atomic_write_text(self.path, buffer.getvalue())
+        atomic_write_text(path, buffer.getvalue())
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: the columns so far and the last round written."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oiafed.callbacks._helpers import (
     MODES,
@@ -21,6 +21,12 @@ from oiafed.callbacks._helpers import (
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import RoundResult, TrainResult, Weights
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +107,13 @@ class EarlyStoppingCallback(Callback):
         self.counter = 0
         self.seen_metric = False
         self.stopped_round: int | None = None
-        self.best_weights: dict[str, Any] | None = None
+        self.best_weights: Weights | None = None
 
     def _is_improvement(self, current: float) -> bool:
         return is_better(current, self.best, self.mode, self.min_delta)
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """Update the best value and the counter; stop when patience has run out."""
         current = monitored_value(NAME, result.metrics, self.metric)
         if current is None:  # a round without evaluation
@@ -118,9 +125,9 @@ class EarlyStoppingCallback(Callback):
             return
         if self._is_improvement(current):
             self.best, self.best_round, self.counter = current, round_num, 0
-            if self.restore_best_weights and getattr(trainer, "model", None) is not None:
-                self.best_weights = {k: v.detach().clone()
-                                     for k, v in trainer.model.state_dict().items()}
+            model: nn.Module | None = getattr(trainer, "model", None)
+            if self.restore_best_weights and model is not None:
+                self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return
         self.counter += 1
         if self.counter >= max(self.patience, 1) and round_num >= self.min_rounds:
@@ -128,18 +135,19 @@ class EarlyStoppingCallback(Callback):
                        f"{NAME}: {self.metric} did not improve for {self.counter} rounds "
                        f"(best {self.best:.6g} at round {self.best_round})")
 
-    def _stop(self, trainer: Any, round_num: int, reason: str) -> None:
+    def _stop(self, trainer: Trainer, round_num: int, reason: str) -> None:
         self.stopped_round = round_num
         trainer.should_stop = True
         trainer.stop_reason = reason
         logger.info(reason)
 
-    async def on_train_end(self, trainer: Any, result: Any, **kwargs: Any) -> None:
+    async def on_train_end(self, trainer: Trainer, result: TrainResult, **kwargs: Any) -> None:
         """Load the best round's weights (``restore_best_weights``); check the metric was seen."""
         if self.restore_best_weights:
             if self.best_weights is not None:
-                if getattr(trainer, "model", None) is not None:
-                    trainer.model.load_state_dict(self.best_weights)
+                model: nn.Module | None = getattr(trainer, "model", None)
+                if model is not None:
+                    model.load_state_dict(self.best_weights)
                 result.weights = {k: v.clone() for k, v in self.best_weights.items()}
                 logger.info("%s: restored the weights of round %s (%s=%.6g)", NAME,
                             self.best_round, self.metric, self.best)

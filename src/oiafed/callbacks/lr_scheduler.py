@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import lr_scheduler
@@ -20,6 +20,10 @@ from oiafed.callbacks._helpers import (
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
+
+if TYPE_CHECKING:
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import RoundResult
 
 NAME = "lr_scheduler"
 
@@ -122,7 +126,7 @@ class LRSchedulerCallback(Callback):
             )
         self.scheduler_type = kind
         self.options = self._options(kind, given)
-        self.scheduler: Any = None
+        self.scheduler: lr_scheduler.LRScheduler | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr: float | None = None
         self._pending: dict[str, Any] | None = None
@@ -166,31 +170,39 @@ class LRSchedulerCallback(Callback):
         }
 
     def _build(self, base_lr: float, rounds: int | None) -> None:
-        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=base_lr)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=base_lr)
         opts = self.options
+        scheduler: lr_scheduler.LRScheduler
         if self.scheduler_type == "step":
-            self.scheduler = lr_scheduler.StepLR(self.optimizer, opts["step_size"], opts["gamma"])
+            scheduler = lr_scheduler.StepLR(optimizer, opts["step_size"], opts["gamma"])
         elif self.scheduler_type == "cosine":
             t_max = opts["T_max"] if opts["T_max"] is not None else max(int(rounds or 1), 1)
-            self.scheduler = lr_scheduler.CosineAnnealingLR(self.optimizer, t_max, opts["eta_min"])
+            scheduler = lr_scheduler.CosineAnnealingLR(optimizer, t_max, opts["eta_min"])
         elif self.scheduler_type == "exponential":
-            self.scheduler = lr_scheduler.ExponentialLR(self.optimizer, opts["gamma"])
+            scheduler = lr_scheduler.ExponentialLR(optimizer, opts["gamma"])
         elif self.scheduler_type == "multistep":
-            self.scheduler = lr_scheduler.MultiStepLR(self.optimizer, opts["milestones"],
-                                                      opts["gamma"])
+            scheduler = lr_scheduler.MultiStepLR(optimizer, opts["milestones"], opts["gamma"])
         else:
-            self.scheduler = lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode=opts["mode"], factor=opts["factor"],
+            scheduler = lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=opts["mode"], factor=opts["factor"],
                 patience=opts["patience"], min_lr=opts["min_lr"])
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.lr = self._group_lr()
         if self._pending is not None:
             state, self._pending = self._pending, None
             self._apply(state)
 
-    def _group_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+    def _built(self) -> tuple[torch.optim.Optimizer, lr_scheduler.LRScheduler]:
+        """The dummy optimizer and the PyTorch scheduler, once ``_build`` made them."""
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError(f"{NAME}: the schedule is not built before training starts")
+        return self.optimizer, self.scheduler
 
-    def _ensure(self, trainer: Any) -> None:
+    def _group_lr(self) -> float:
+        optimizer, _ = self._built()
+        return float(optimizer.param_groups[0]["lr"])
+
+    def _ensure(self, trainer: Trainer) -> None:
         if self.scheduler is not None:
             return
         fit_config = getattr(trainer, "fit_config", None)
@@ -200,28 +212,30 @@ class LRSchedulerCallback(Callback):
                               f"(oiafed.run sets it from learner.args.lr); got {base!r}")
         self._build(float(base), getattr(trainer, "rounds", None))
 
-    async def on_train_start(self, trainer: Any, **kwargs: Any) -> None:
+    async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         """Build the schedule from the base rate ``trainer.fit_config["lr"]``."""
         self._ensure(trainer)
         trainer.fit_config["lr"] = self.lr
 
-    async def on_round_start(self, trainer: Any, round_num: int, **kwargs: Any) -> None:
+    async def on_round_start(self, trainer: Trainer, round_num: int, **kwargs: Any) -> None:
         """Give this round's learners the scheduled rate."""
         self._ensure(trainer)
         trainer.fit_config["lr"] = self.lr
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """Record the rate used as ``result.metrics["lr"]``, then step to the next rate."""
         self._ensure(trainer)
-        result.metrics["lr"] = self.lr
-        self.optimizer.step()  # a no-op (no gradients) that tells PyTorch the round trained
-        if self.scheduler_type == "plateau":
+        optimizer, scheduler = self._built()
+        result.metrics["lr"] = self._group_lr()  # == self.lr: the rate this round used
+        optimizer.step()  # a no-op (no gradients) that tells PyTorch the round trained
+        if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):  # scheduler_type "plateau"
             value = monitored_value(NAME, result.metrics, self.options["metric"])
             if value is None:
                 return
-            self.scheduler.step(value)
+            scheduler.step(value)
         else:
-            self.scheduler.step()
+            scheduler.step()
         self.lr = self._group_lr()
         trainer.fit_config["lr"] = self.lr
 
@@ -248,9 +262,10 @@ class LRSchedulerCallback(Callback):
             self._apply(state)
 
     def _apply(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(_decode(state["scheduler"]))
+        optimizer, scheduler = self._built()
+        scheduler.load_state_dict(_decode(state["scheduler"]))
         self.lr = float(state["lr"])
-        self.optimizer.param_groups[0]["lr"] = self.lr
+        optimizer.param_groups[0]["lr"] = self.lr
 
 
 def _encode(value: Any) -> Any:

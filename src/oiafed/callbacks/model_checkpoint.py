@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oiafed.callbacks._helpers import (
     MODES,
@@ -23,6 +23,10 @@ from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.io import atomic_torch_save
 from oiafed.registry import register
+
+if TYPE_CHECKING:
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import RoundResult
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +117,18 @@ class ModelCheckpointCallback(Callback):
         self.last_round: int | None = None
         self.directory: Path | None = None
 
-    async def on_train_start(self, trainer: Any, **kwargs: Any) -> None:
+    async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         """Resolve ``save_dir`` (inside the run folder when relative) and create it."""
         self._folder(trainer)
 
-    def _folder(self, trainer: Any) -> Path:
+    def _folder(self, trainer: Trainer) -> Path:
         if self.directory is None:
             self.directory = resolve_path(trainer, self.save_dir)
             self.directory.mkdir(parents=True, exist_ok=True)
         return self.directory
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """Write this round's periodic, best and last checkpoints."""
         folder = self._folder(trainer)
         current, problem = None, None
@@ -132,6 +137,9 @@ class ModelCheckpointCallback(Callback):
                 current = monitored_value(NAME, result.metrics, self.metric)
             except ConfigError as exc:  # still write the periodic and last files first
                 problem = exc
+        if trainer.model is None:
+            raise RuntimeError(f"{NAME}: the trainer has no global model to save (trainer.model "
+                               "is None)")
         payload = {
             "weights": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
             "round": int(round_num),

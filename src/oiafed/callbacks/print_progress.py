@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oiafed.callbacks.base import Callback
 from oiafed.registry import register
+
+if TYPE_CHECKING:
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import RoundResult
 
 
 @register("callback.print_progress")
@@ -31,7 +35,8 @@ class PrintProgressCallback(Callback):
           - type: print_progress
     """
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """Print the round's accuracy."""
         acc = result.metrics.get("accuracy", 0)
         print(f"Round {round_num}: accuracy = {acc:.4f}")

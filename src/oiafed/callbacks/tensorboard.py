@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oiafed.callbacks._helpers import numeric_metrics, resolve_path
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from oiafed.core.trainer import Trainer
+    from oiafed.core.types import RoundResult, TrainResult
+
 NAME = "tensorboard"
 
 
-def _summary_writer_class() -> Any:
+def _summary_writer_class() -> type[SummaryWriter]:
     """``SummaryWriter``, imported on first use (TensorBoard is slow to import)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -35,10 +41,11 @@ class TensorBoardCallback(Callback):
     working directory when there is none). View with ``tensorboard --logdir <run folder>``.
 
     The ``SummaryWriter`` is created when training starts, not in ``__init__``, so building
-    the callback (say, to validate a config) writes nothing; it is closed when training
-    ends. A run resumed from ``state_dict()`` opens its writer with ``purge_step`` set to the
-    first round it will write, so rounds that the interrupted run wrote after its last
-    saved state are hidden in TensorBoard rather than shown twice.
+    the callback (say, to validate a config) writes nothing; it is flushed and closed when
+    training ends, normally or by an exception (``on_exception``). A run resumed from
+    ``state_dict()`` opens its writer with ``purge_step`` set to the first round it will
+    write, so rounds that the interrupted run wrote after its last saved state are hidden in
+    TensorBoard rather than shown twice.
 
     Args:
         log_dir: folder of the event files.
@@ -65,15 +72,15 @@ class TensorBoardCallback(Callback):
             raise ConfigError(f"{NAME}: log_dir must be a folder path; got {log_dir!r}")
         self.log_dir = str(log_dir)
         self.directory: Path | None = None
-        self.writer: Any = None
+        self.writer: SummaryWriter | None = None
         self.last_round = 0
         self._resumed_from: int | None = None
 
-    async def on_train_start(self, trainer: Any, **kwargs: Any) -> None:
+    async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         """Open the ``SummaryWriter`` in ``log_dir``."""
         self._open(trainer)
 
-    def _open(self, trainer: Any) -> Any:
+    def _open(self, trainer: Trainer) -> SummaryWriter:
         if self.writer is None:
             summary_writer = _summary_writer_class()
             self.directory = resolve_path(trainer, self.log_dir)
@@ -82,7 +89,8 @@ class TensorBoardCallback(Callback):
             self.writer = summary_writer(log_dir=str(self.directory), purge_step=purge)
         return self.writer
 
-    async def on_round_end(self, trainer: Any, round_num: int, result: Any, **kwargs: Any) -> None:
+    async def on_round_end(self, trainer: Trainer, round_num: int, result: RoundResult,
+                           **kwargs: Any) -> None:
         """One scalar per numeric metric at step ``round_num``; flush."""
         writer = self._open(trainer)
         for key, value in numeric_metrics(result.metrics).items():
@@ -90,8 +98,13 @@ class TensorBoardCallback(Callback):
         writer.flush()
         self.last_round = round_num
 
-    async def on_train_end(self, trainer: Any, result: Any, **kwargs: Any) -> None:
+    async def on_train_end(self, trainer: Trainer, result: TrainResult, **kwargs: Any) -> None:
         """Flush and close the event file."""
+        self.close()
+
+    async def on_exception(self, trainer: Trainer, exception: BaseException,
+                           **kwargs: Any) -> None:
+        """Flush and close the event file as ``on_train_end`` would (the run failed)."""
         self.close()
 
     def close(self) -> None:

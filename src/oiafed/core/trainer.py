@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from torch import nn
@@ -14,27 +16,31 @@ from torch import nn
 from oiafed.callbacks.base import CallbackManager
 from oiafed.core.aggregators import Aggregator
 from oiafed.core.evaluation import evaluate
-from oiafed.core.types import ClientFailure, ClientUpdate, RoundResult, TrainResult, Weights
+from oiafed.core.types import (
+    ClientFailure,
+    ClientTask,
+    ClientUpdate,
+    Outcome,
+    RoundResult,
+    RoundTask,
+    TrainResult,
+    Weights,
+)
 from oiafed.core.validation import nonfinite_problems, update_problem
 from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
 from oiafed.registry import register
-from oiafed.seeding import SAMPLING, rng
+from oiafed.runtime.base import RunEnd, Runtime, RunSpec
+from oiafed.runtime.envelope import json_problem
+from oiafed.seeding import SAMPLING, TRAIN, derive_seed, rng
+
+if TYPE_CHECKING:
+    from oiafed.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-
-class Runtime(Protocol):
-    """Where learners train: the only thing that differs between runtimes."""
-
-    async def start(self, trainer: Trainer) -> None: ...
-
-    async def train(
-        self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
-    ) -> list[ClientUpdate | ClientFailure]: ...
-
-    async def close(self) -> None: ...
+__all__ = ["RoundFailed", "RoundRecorder", "SelectionError", "Trainer"]
 
 
 class RoundRecorder(Protocol):
@@ -111,10 +117,20 @@ class Trainer:
         self.client_selection_weights: dict[str, float] | None = None
         self.fit_config: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
-        self.model: nn.Module | None = None
-        self.client_ids: list[str] = []
-        self.config: Any = None
+        self.model: nn.Module = nn.Module()  # the global model, from ``bind``
+        self.aggregator: Aggregator | None = None
+        self.runtime: Runtime | None = None
+        self.callbacks = CallbackManager()
+        self.test_data: ArrayDataset | None = None
+        self.client_ids: Sequence[str] = []
+        self.seed = 0
+        self.config: ExperimentConfig | None = None
+        self.recorder: RoundRecorder | None = None
         self.run_dir: Path | None = None
+        self._client_set: frozenset[str] = frozenset()
+        self._in_round = False
+        self._index_of: Callable[[str], int] = self._position
+        self._positions: dict[str, int] | None = None
 
     def bind(
         self,
@@ -123,26 +139,42 @@ class Trainer:
         aggregator: Aggregator,
         runtime: Runtime,
         callbacks: CallbackManager,
-        test_data: ArrayDataset,
-        client_ids: list[str],
+        test_data: ArrayDataset | None,
+        client_ids: Sequence[str],
         seed: int,
-        config: Any = None,
+        config: ExperimentConfig | None = None,
         recorder: RoundRecorder | None = None,
+        index_of: Callable[[str], int] | None = None,
     ) -> Trainer:
-        """Attach what a run provides: the global model, clients, runtime and callbacks."""
+        """Attach what a run provides: the global model, clients, runtime and callbacks.
+
+        ``index_of`` gives a client's position in ``client_ids`` (it derives the client's
+        training seed); default: a lookup table built on first use.
+        """
+        if not client_ids:
+            raise ConfigError("a federation needs at least one client")
         self.model = model
         self.aggregator = aggregator
         self.runtime = runtime
         self.callbacks = callbacks
         self.test_data = test_data
-        self.client_ids = list(client_ids)
-        self._client_set = frozenset(self.client_ids)
+        self.client_ids = client_ids
+        self._client_set = frozenset(client_ids)
         self.seed = seed
         self.config = config
         self.recorder = recorder
-        if not self.client_ids:
-            raise ConfigError("a federation needs at least one client")
+        self._index_of = index_of or self._position
         return self
+
+    def _position(self, client_id: str) -> int:
+        if self._positions is None:
+            self._positions = {cid: i for i, cid in enumerate(self.client_ids)}
+        return self._positions[client_id]
+
+    def _bound(self) -> tuple[Aggregator, Runtime]:
+        if self.aggregator is None or self.runtime is None:
+            raise RuntimeError("Trainer.bind() must be called before training")
+        return self.aggregator, self.runtime
 
     @property
     def num_sampled(self) -> int:
@@ -154,56 +186,112 @@ class Trainer:
             return max(1, round(self.fraction * total))
         return total
 
-    async def fit(self) -> TrainResult:
-        """Run every round (or until ``should_stop``); return the ``TrainResult``."""
+    def run_spec(self) -> RunSpec:
+        """What the runtime is told of this run."""
+        strict = self.config.strict if self.config is not None else self.callbacks.strict
+        return RunSpec(client_ids=self.client_ids, num_sampled=self.num_sampled,
+                       min_clients=self.min_clients, round_timeout=self.round_timeout,
+                       run_dir=self.run_dir, config=self.config, strict=strict)
+
+    async def fit(self, *, until: int | None = None) -> TrainResult:
+        """Run every round (or until ``should_stop``, or round ``until``); return the
+        ``TrainResult``.
+
+        A run that ends by an exception (``KeyboardInterrupt`` included) calls every
+        callback's ``on_exception``, closes the runtime, then raises it again.
+        """
         started = time.perf_counter()
-        await self.runtime.start(self)
+        last = self.rounds if until is None else until
+        _, runtime = self._bound()
         try:
+            await runtime.start(self.run_spec())
             await self.callbacks.on_train_start(self)
-            while self.round_num < self.rounds and not self.should_stop:
+            while self.round_num < last and not self.should_stop:
                 await self.run_round(self.round_num + 1)
-        finally:
-            await self.runtime.close()
-        result = TrainResult(
-            rounds_completed=self.round_num,
-            history=self.history,
-            stop_reason=self._stop_reason(),
-            stopped_by=self.stopped_by if self.should_stop else None,
-            callback_errors=[e.to_dict() for e in self.callbacks.errors],
-            weights=self.model.state_dict(),
-            wall_time=time.perf_counter() - started,
-        )
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        await runtime.close(RunEnd(ok=True, reason=self._stop_reason()))
+        result = self.result(wall_time=time.perf_counter() - started)
         await self.callbacks.on_train_end(self, result)
         result.callback_errors = [e.to_dict() for e in self.callbacks.errors]
         return result
 
+    def result(self, *, stop_reason: str | None = None, wall_time: float = 0.0) -> TrainResult:
+        """The ``TrainResult`` of the rounds completed so far."""
+        return TrainResult(
+            rounds_completed=self.round_num - 1 if self._in_round else self.round_num,
+            history=self.history,
+            stop_reason=stop_reason or self._stop_reason(),
+            stopped_by=self.stopped_by if self.should_stop else None,
+            callback_errors=[e.to_dict() for e in self.callbacks.errors],
+            weights=self.model.state_dict(),
+            wall_time=wall_time,
+        )
+
+    async def _fail(self, exc: BaseException) -> None:
+        """Tell the callbacks (``on_exception``), then close the runtime; never masks ``exc``."""
+        shown = KeyboardInterrupt() if isinstance(exc, asyncio.CancelledError) else exc
+        try:
+            await self.callbacks.on_exception(self, shown)
+        except Exception:  # strict mode re-raises a callback's error: the run's own comes first
+            logger.exception("a callback's on_exception raised")
+        reason = ("interrupted" if isinstance(shown, KeyboardInterrupt)
+                  else f"failed in round {self.round_num}: {type(exc).__name__}: {exc}")
+        if self.runtime is not None:
+            try:
+                await self.runtime.close(RunEnd(ok=False, reason=reason))
+            except Exception:
+                logger.exception("closing the runtime after the failure raised")
+
     async def run_round(self, round_num: int) -> RoundResult:
         """One round: select, train, aggregate, evaluate; every round hook fires here."""
+        aggregator, runtime = self._bound()
         started = time.perf_counter()
         self.round_num = round_num
+        self._in_round = True
         await self.callbacks.on_round_start(self, round_num)
+        for client_id in runtime.take_joins():
+            await self.callbacks.on_client_join(self, client_id)
         selected = self.select_clients(round_num)
         global_weights = self.model.state_dict()
-        outcomes = await self.runtime.train(round_num, selected, global_weights,
-                                            dict(self.fit_config))
+        problem = json_problem(self.fit_config)
+        if problem is not None:
+            raise ConfigError(f"must hold JSON values to reach the learners: {problem}",
+                              "trainer.fit_config")
+        task = RoundTask(round_num, global_weights, dict(self.fit_config))
+        clients = [ClientTask(cid, derive_seed(self.seed, TRAIN, round_num, self._index_of(cid)))
+                   for cid in selected]
+        deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
+        outcomes = await runtime.train(task, clients, deadline)
+        for client_id in runtime.take_joins():
+            await self.callbacks.on_client_join(self, client_id)
         updates = await self.accept(round_num, outcomes, global_weights)
         await self.callbacks.on_aggregate_start(self, updates)
-        weights = self.aggregator.aggregate(updates, global_weights)
+        weights = aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
         load_weights(self.model, weights)
-        metrics = self.train_metrics(updates)
-        if round_num % self.eval_every == 0 or round_num == self.rounds:
-            metrics.update(evaluate(self.model, self.test_data))
+        metrics = self.round_metrics(round_num, updates)
         metrics["round_time"] = time.perf_counter() - started
         result = RoundResult(round_num, metrics, updates)
         await self.callbacks.on_round_end(self, round_num, result)
         row = {"round": round_num, **result.metrics}
         self.history.append(row)
+        self._in_round = False
         if self.recorder is not None:
             self.recorder.record_round(self, row)
         return result
 
-    async def accept(self, round_num: int, outcomes: list[ClientUpdate | ClientFailure],
+    def round_metrics(self, round_num: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        """The round's metrics before ``round_time``: the clients' sample-weighted training
+        metrics, and the global model's on the test set on evaluated rounds."""
+        metrics = self.train_metrics(updates)
+        if self.test_data is not None and (round_num % self.eval_every == 0
+                                           or round_num == self.rounds):
+            metrics.update(evaluate(self.model, self.test_data))
+        return metrics
+
+    async def accept(self, round_num: int, outcomes: Sequence[Outcome],
                      reference: Weights) -> list[ClientUpdate]:
         """The updates fit to aggregate. Failed clients and bad updates are logged, reported
         to ``on_client_failure`` and left out.
@@ -211,21 +299,23 @@ class Trainer:
         Raises:
             RoundFailed: when fewer than ``min_clients`` usable updates remain.
         """
-        problems = [
+        problems: list[str | None] = [
             outcome.error if isinstance(outcome, ClientFailure)
             else update_problem(outcome, reference)
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]
-        value_problems = nonfinite_problems([outcomes[i].weights for i in well_formed])
+        value_problems = nonfinite_problems(
+            [o.weights for i in well_formed if isinstance(o := outcomes[i], ClientUpdate)])
         for i, problem in zip(well_formed, value_problems, strict=True):
             problems[i] = problem
         accepted, rejected = [], []
         for outcome, problem in zip(outcomes, problems, strict=True):
-            if problem is None:
+            if problem is None and isinstance(outcome, ClientUpdate):
                 accepted.append(outcome)
                 continue
-            rejected.append(f"{outcome.client_id}: {problem}")
+            problem = problem or "no update"
+            rejected.append(f"{outcome.client_id}: {problem.strip().splitlines()[-1]}")
             logger.warning("round %d: left out %s: %s", round_num, outcome.client_id, problem)
             await self.callbacks.on_client_failure(self, outcome.client_id, problem)
         if len(accepted) < self.min_clients:
@@ -303,7 +393,7 @@ class Trainer:
         return {
             "round_num": self.round_num,
             "weights": self.model.state_dict(),
-            "aggregator": self.aggregator.state_dict(),
+            "aggregator": self._bound()[0].state_dict(),
             "callbacks": self.callbacks.state_dict(),
             "should_stop": self.should_stop,
             "stopped_by": self.stopped_by,
@@ -315,7 +405,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (after ``bind``)."""
         self.model.load_state_dict(state["weights"])
-        self.aggregator.load_state_dict(state["aggregator"])
+        self._bound()[0].load_state_dict(state["aggregator"])
         self.callbacks.load_state_dict(state["callbacks"])
         self.round_num = state["round_num"]
         self.should_stop = state["should_stop"]

@@ -12,6 +12,48 @@ import torch
 Weights = dict[str, torch.Tensor]
 """A model's weights: parameter and buffer name -> tensor (a ``state_dict``)."""
 
+Tensors = dict[str, torch.Tensor]
+"""Named tensors an algorithm sends beside the model weights (control variates, ...)."""
+
+JSON = Any
+"""A value that JSON can hold: None, bool, int, float, str, and lists and string-keyed dicts
+of those."""
+
+
+@dataclass
+class RoundTask:
+    """What every client sampled in a round receives: the round's part of a task message.
+
+    Attributes:
+        round_num: the round (from 1).
+        weights: the global weights the clients start from.
+        config: the trainer's per-round settings (``trainer.fit_config``: ``lr``, ...).
+        extra_tensors: named tensors an algorithm broadcasts (empty for FedAvg).
+        extra_values: named JSON values an algorithm broadcasts (empty for FedAvg).
+    """
+
+    round_num: int
+    weights: Weights
+    config: dict[str, JSON] = field(default_factory=dict)
+    extra_tensors: Tensors = field(default_factory=dict)
+    extra_values: dict[str, JSON] = field(default_factory=dict)
+
+
+@dataclass
+class ClientTask:
+    """One client's own part of a task message.
+
+    Attributes:
+        client_id: the client to train.
+        seed: the seed of its local training in this round (data order, dropout, ...).
+        extra_tensors, extra_values: what an algorithm sends this client alone.
+    """
+
+    client_id: str
+    seed: int
+    extra_tensors: Tensors = field(default_factory=dict)
+    extra_values: dict[str, JSON] = field(default_factory=dict)
+
 
 @dataclass
 class ClientUpdate:
@@ -22,24 +64,38 @@ class ClientUpdate:
         num_samples: how many local samples it trained on (the FedAvg weight).
         metrics: local training metrics; at least ``accuracy`` and ``loss``.
         weights: the client's model weights after training.
+        extra_tensors: named tensors the algorithm's client half returns (empty for FedAvg).
+        extra_values: named JSON values the algorithm's client half returns.
     """
 
     client_id: str
     num_samples: int
     metrics: dict[str, float]
     weights: Weights
+    extra_tensors: Tensors = field(default_factory=dict)
+    extra_values: dict[str, JSON] = field(default_factory=dict)
 
 
 @dataclass
 class ClientFailure:
-    """A sampled client that gave no update this round (crashed, hung, disconnected).
+    """A sampled client that gave no update this round (raised, died, hung, disconnected).
 
     Runtimes return it in place of the client's ``ClientUpdate``; the trainer fires
-    ``on_client_failure`` and leaves the client out of the round.
+    ``on_client_failure`` with ``error`` and leaves the client out of the round.
+
+    Attributes:
+        client_id: the client.
+        error: why, in words; the traceback text when its training raised.
+        kind: ``raised``, ``died``, ``timeout``, ``disconnected``, ``malformed``, ``busy``.
     """
 
     client_id: str
     error: str
+    kind: str = "failed"
+
+
+Outcome = ClientUpdate | ClientFailure
+"""What a runtime returns for each client of a round."""
 
 
 @dataclass

@@ -1,15 +1,20 @@
 """What local training needs, built from the config alone, in whatever process runs it.
 
-Every runtime trains clients through a ``ClientWorker``: in this process (serial), in worker
-processes (parallel), in Ray actors or in gRPC client processes. A remote worker is rebuilt
-from the config (registry names + args), never from pickled objects; partitions, model
-initialisation and data order come from the seed, so every worker agrees.
+Every runtime trains clients through a ``ClientWorker``: in this process (serial, with
+``train``), in worker processes (parallel), in Ray actors or in gRPC client processes (all
+three through the one entry point ``execute``: task bytes in, update bytes or an error out).
+A remote worker is rebuilt from the config (registry names + args), never from pickled
+objects; partitions, model initialisation and data order come from the seed, so every worker
+agrees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import traceback
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,10 +24,12 @@ from oiafed import registry
 from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig
 from oiafed.core.learner import Learner
-from oiafed.core.types import ClientUpdate, Weights
+from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
-from oiafed.seeding import INIT, TRAIN, derive_seed
+from oiafed.exceptions import InputError
+from oiafed.runtime.envelope import decode_client, decode_round, encode_update
+from oiafed.seeding import INIT, derive_seed
 
 
 def build_model(cfg: ExperimentConfig, data: FederatedSource) -> nn.Module:
@@ -47,20 +54,34 @@ def _nbytes(data: ArrayDataset) -> int:
     return data.x.nelement() * data.x.element_size() + data.y.nelement() * data.y.element_size()
 
 
+@dataclass(frozen=True)
+class TaskReply:
+    """What ``ClientWorker.execute`` gives back: the update's bytes, or the traceback text of
+    the exception that training raised."""
+
+    update: bytes = b""
+    traceback: str = ""
+
+
 class ClientWorker:
     """Trains any client of the federation with one reusable ``Learner`` (and model).
 
     For a partitioned pool, recently trained clients' datasets stay cached (up to
     ``DATA_CACHE_BYTES`` in all), so nothing is copied again for a client sampled again;
-    on-demand sources keep their own bounded cache.
+    on-demand sources keep their own bounded cache. With ``local`` (a gRPC client's
+    ``--local-data``), every client id trains on that one dataset.
     """
 
-    def __init__(self, learner: Learner, data: FederatedSource, seed: int) -> None:
+    def __init__(self, learner: Learner, data: FederatedSource | None,
+                 local: ArrayDataset | None = None) -> None:
         self.learner = learner
         self.data = data
-        self.seed = seed
+        self.local = local
         self._cache: OrderedDict[str, ArrayDataset] = OrderedDict()
         self._cache_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._round_data: object = None
+        self._round: RoundTask | None = None
 
     @classmethod
     def from_config(
@@ -70,23 +91,41 @@ class ClientWorker:
         callbacks: CallbackManager | None = None,
         data: FederatedSource | None = None,
         model: nn.Module | None = None,
+        local_data: bool = False,
     ) -> ClientWorker:
-        """Build a worker; without ``callbacks`` it builds the configured ones itself."""
+        """Build a worker; without ``callbacks`` it builds the configured ones itself. With
+        ``local_data``, the configured dataset is loaded whole and trained on by every client.
+
+        Raises:
+            InputError: with ``local_data``, for a dataset that is not one local dataset.
+        """
         registry.import_modules(cfg.imports)
-        data = data if data is not None else build_federated_data(cfg.data, cfg.seed)
-        model = copy.deepcopy(model) if model is not None else build_model(cfg, data)
+        local = None
+        if local_data:
+            local = registry.build("dataset", {"type": cfg.data.type, "args": cfg.data.args},
+                                   "data", seed=cfg.seed)
+            if not isinstance(local, ArrayDataset) or not hasattr(local, "input_shape"):
+                raise InputError(f"data.type {cfg.data.type!r} does not load one local dataset; "
+                                 "--local-data needs one such as digits or mnist")
+            model = build_model(cfg, local)
+        else:
+            data = data if data is not None else build_federated_data(cfg.data, cfg.seed)
+            model = copy.deepcopy(model) if model is not None else build_model(cfg, data)
         if callbacks is None:
             callbacks = CallbackManager(build_callbacks(cfg), strict=cfg.strict)
         learner = registry.build("learner", cfg.learner.model_dump(), "learner")
         learner.setup(model, callbacks)
-        return cls(learner, data, cfg.seed)
+        return cls(learner, None if local_data else data, local)
 
     def client_data(self, client_id: str) -> ArrayDataset:
         """``client_id``'s local data, from the cache when it is there."""
+        if self.local is not None:
+            return self.local
         cached = self._cache.get(client_id)
         if cached is not None:
             self._cache.move_to_end(client_id)
             return cached
+        assert self.data is not None
         data = self.data.client_data(client_id)
         size = _nbytes(data)
         if isinstance(self.data, FederatedData) and size <= DATA_CACHE_BYTES:
@@ -97,15 +136,33 @@ class ClientWorker:
                 self._cache_bytes -= _nbytes(evicted)
         return data
 
-    def client_seed(self, client_id: str, round_num: int) -> int:
-        """The seed of ``client_id``'s local training in ``round_num``."""
-        return derive_seed(self.seed, TRAIN, round_num, self.data.index_of(client_id))
-
-    async def train(
-        self, client_id: str, weights: Weights, round_num: int, config: dict[str, Any]
-    ) -> ClientUpdate:
-        """Train ``client_id`` from ``weights`` for ``round_num``; return its update."""
+    async def train(self, task: RoundTask, client: ClientTask) -> ClientUpdate:
+        """Train ``client`` from ``task``; return its update."""
         return await self.learner.fit(
-            client_id, weights, self.client_data(client_id),
-            round_num=round_num, seed=self.client_seed(client_id, round_num), config=config,
+            client.client_id, task.weights, self.client_data(client.client_id),
+            round_num=task.round_num, seed=client.seed, config=task.config,
         )
+
+    def execute(self, round_data: bytes | bytearray, client_data: bytes | bytearray) -> TaskReply:
+        """The entry point of workers in other processes: train the client ``client_data``
+        names from the round ``round_data`` describes (both ``envelope`` bytes).
+
+        The decoded round is kept while the same ``round_data`` object comes back (the
+        round's clients share it). Whatever training raises becomes the reply's traceback.
+        """
+        try:
+            if round_data is not self._round_data or self._round is None:
+                self._round, self._round_data = decode_round(round_data), round_data
+            client = decode_client(client_data)
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            update = self._loop.run_until_complete(self.train(self._round, client))
+            return TaskReply(update=encode_update(update))
+        except Exception:
+            return TaskReply(traceback=traceback.format_exc())
+
+    def close(self) -> None:
+        """Release the worker's event loop."""
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None

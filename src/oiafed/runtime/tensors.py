@@ -1,5 +1,6 @@
-"""Weights in chunks: safetensors bytes written straight from tensor memory, and read back into
-tensors that share the receive buffer.
+"""Tensors in chunks: safetensors bytes written straight from tensor memory, and read back into
+tensors that share the receive buffer. Every message between processes (``envelope``) is such
+a payload, with its JSON header in the safetensors metadata.
 
 The format is safetensors' (an 8-byte little-endian header length, a JSON header giving each
 tensor's dtype, shape and byte offsets, then the raw data), so ``codec.decode_weights`` reads
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 
 from oiafed.core.types import Weights
-from oiafed.runtime.codec import WireError, decode_weights, encode_weights
+from oiafed.exceptions import WireError
+from oiafed.runtime.codec import decode_weights, tensor_bytes
 
 CHUNK_SIZE = 1 << 20
 """Bytes of weights per Chunk message, well under gRPC's 4 MiB message limit."""
@@ -44,17 +46,21 @@ _BY_NAME = {name: dtype for dtype, name in DTYPES.items()}
 _FAST = sys.byteorder == "little"
 
 
-def encode_chunks(weights: Weights, size: int = CHUNK_SIZE) -> tuple[int, Iterator[bytes]]:
-    """``weights`` as safetensors bytes in pieces of at most ``size`` bytes, and their total.
+def encode_chunks(weights: Weights, size: int = CHUNK_SIZE,
+                  metadata: dict[str, str] | None = None) -> tuple[int, Iterator[bytes]]:
+    """``weights`` (and string ``metadata``) as safetensors bytes in pieces of at most
+    ``size`` bytes, and their total.
 
     Tensors are laid out largest element first (then by name), so every tensor starts at an
     offset aligned to its element size.
     """
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
     if not _FAST or any(t.dtype not in DTYPES for t in tensors.values()):
-        payload = encode_weights(tensors)
+        payload = tensor_bytes(tensors, metadata)
         return len(payload), _cut([memoryview(payload)], size)
     header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
     segments: list[memoryview] = []
     offset = 0
     for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
@@ -89,8 +95,32 @@ def _cut(segments: list[memoryview], size: int) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
+def encode_payload(tensors: Weights, metadata: dict[str, str] | None = None) -> bytes:
+    """``tensors`` and ``metadata`` as one safetensors payload (``decode_payload`` reads it)."""
+    return tensor_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+
+
+def decode_payload(data: bytes | bytearray | memoryview) -> tuple[Weights, dict[str, str]]:
+    """Tensors (views of one private copy of ``data``) and metadata of a safetensors payload.
+
+    Raises:
+        WireError: when ``data`` is not a well-formed payload.
+    """
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    return decode_buffer_with_metadata(buffer)
+
+
 def decode_buffer(buffer: bytearray) -> Weights:
     """Weights from safetensors bytes; the tensors are views of ``buffer`` (no copy).
+
+    Raises:
+        WireError: when ``buffer`` is not a well-formed payload.
+    """
+    return decode_buffer_with_metadata(buffer)[0]
+
+
+def decode_buffer_with_metadata(buffer: bytearray) -> tuple[Weights, dict[str, str]]:
+    """``decode_buffer``, and the payload's string metadata.
 
     Raises:
         WireError: when ``buffer`` is not a well-formed payload.
@@ -108,8 +138,8 @@ def decode_buffer(buffer: bytearray) -> Weights:
     if not isinstance(header, dict):
         raise WireError("malformed tensor payload: its header is not a JSON object")
     metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict):
-        raise WireError("malformed tensor payload: __metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WireError("malformed tensor payload: __metadata__ is not an object of strings")
     base, data_size = 8 + length, len(view) - 8 - length
     spans = []
     for name, entry in header.items():
@@ -119,7 +149,7 @@ def decode_buffer(buffer: bytearray) -> Weights:
         if not isinstance(dtype_name, str):
             raise WireError(f"malformed tensor payload: bad dtype for {name!r}")
         if dtype_name not in _BY_NAME:  # valid safetensors, maybe: the library decides
-            return decode_weights(bytes(view))
+            return decode_weights(bytes(view)), metadata
         if not (isinstance(shape, list) and all(_count(d) for d in shape)
                 and isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
                 and offsets[0] <= offsets[1] <= data_size):
@@ -147,7 +177,7 @@ def decode_buffer(buffer: bytearray) -> Weights:
         else:
             weights[name] = torch.frombuffer(buffer, dtype=dtype, count=numel,
                                              offset=base + start).reshape(shape)
-    return weights
+    return weights, metadata
 
 
 def _count(value: Any) -> bool:
