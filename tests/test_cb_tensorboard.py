@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import oiafed
 from oiafed import ConfigError, registry
-from oiafed.callbacks import CallbackManager, TensorBoardCallback
+from oiafed.callbacks import Callback, CallbackManager, TensorBoardCallback
 from oiafed.testing import FakeTrainer, make_round_result, run_rounds
 from support import tiny_config
 
@@ -138,3 +138,18 @@ def test_run_writes_every_metric_of_every_round(tmp_path):
     assert "lr" in expected_tags and set(found) == expected_tags
     for tag, points in found.items():
         assert points == [(row["round"], pytest.approx(row[tag], rel=1e-6)) for row in result.history]
+
+
+def test_an_interrupted_run_closes_its_writer_with_every_round_so_far(tmp_path):
+    class Interrupt(Callback):
+        async def on_round_end(self, trainer, round_num, result, **kwargs):
+            if round_num == 2:
+                raise KeyboardInterrupt  # not an Exception: the manager lets it end the run
+
+    board = TensorBoardCallback(log_dir="tb")
+    config = tiny_config(trainer={"args": {"rounds": 4}})
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(config, run_dir=tmp_path / "run", callbacks=[board, Interrupt()])
+    assert board.writer is None  # on_exception closed it
+    found = scalars(tmp_path / "run" / "tb")
+    assert [step for step, _ in found["accuracy"]] == [1, 2]

@@ -163,7 +163,7 @@ def test_loopback_deployment_equals_serial_and_runs_learner_hooks_in_the_clients
     assert {r for r, _ in joins.joined} == {1}
     logs = sorted(p.name for p in (tmp_path / "grpc" / "clients").iterdir())
     assert logs == [f"client_{i}.log" for i in range(4)]
-    assert "the server ended the run: run completed" in (
+    assert "the server ended the run: completed" in (
         tmp_path / "grpc" / "clients" / "client_2.log").read_text()
 
 
@@ -264,7 +264,7 @@ def test_server_and_clients_over_mutual_tls_survive_a_killed_client(tmp_path, pr
     assert processes.wait("server") == 0, processes.log("server")
     for name in ("client_0", "client_1", "client_2", "client_3_again"):
         assert processes.wait(name) == 0, processes.log(name)
-        assert "the server ended the run: run completed" in processes.log(name)
+        assert "the server ended the run: completed" in processes.log(name)
     assert victim.returncode == -signal.SIGKILL
 
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -299,12 +299,12 @@ def test_below_quorum_the_run_fails_cleanly_and_resumes(tmp_path, processes):
     assert ("failed: RoundFailed: round 2: 3 usable client update(s), fewer than min_clients=4 "
             "(client_3: disconnected during the round)") in " ".join(output.split())
     assert "Traceback" not in output
-    assert "the run stopped in round 2; the state after its last saved round is in" in " ".join(
-        output.split())
+    assert "the run failed after round 1; its state is saved in" in " ".join(output.split())
+    assert "continue it with --resume" in output
     state = load_state(tmp_path / "run")
     assert state["trainer"]["round_num"] == 1
     client_log = (tmp_path / "run" / "clients" / "client_0.log").read_text()
-    assert "client_0: the server ended the run: the run stopped in round 2" in client_log
+    assert "client_0: the server ended the run: failed in round 2: RoundFailed" in client_log
 
     processes.start("resume", "run", "--resume", "run", "trainer.args.min_clients=3", "-q")
     assert processes.wait("resume") == 0, processes.log("resume")
@@ -335,14 +335,18 @@ def test_bad_deployment_input_exits_2(tmp_path, processes):
 
 def test_a_client_can_train_on_a_local_dataset(tmp_path):
     """``--local-data``: the configured dataset, whole, is this client's training data."""
+    from oiafed.core.types import ClientTask, RoundTask
     from oiafed.data.federated import build_federated_data
-    from oiafed.runtime.grpc.client import Task, build_trainer
+    from oiafed.runtime.envelope import decode_update, encode_client, encode_round
+    from oiafed.runtime.grpc.client import build_worker
     from oiafed.runtime.worker import build_model
 
     cfg = oiafed.load_config(tiny_config(data={"type": "digits", "num_clients": 4}))
-    train = build_trainer(cfg, "client_2", local_data=True)
+    worker = build_worker(cfg, "client_2", local_data=True)
     model = build_model(cfg, build_federated_data(cfg.data, cfg.seed))
-    update = train(Task(1, 7, {"lr": 0.05}, model.state_dict()))
+    reply = worker.execute(encode_round(RoundTask(1, model.state_dict(), {"lr": 0.05})),
+                           encode_client(ClientTask("client_2", 7)))
+    update = decode_update(reply.update)
     assert update.num_samples == 1797  # all of digits, not a quarter of 80 % of it
     assert update.weights.keys() == model.state_dict().keys()
 
@@ -350,13 +354,17 @@ def test_a_client_can_train_on_a_local_dataset(tmp_path):
 ECHO_CLIENT = """
 import os, sys
 from oiafed import ClientUpdate
+from oiafed.runtime.envelope import decode_round, encode_update
 from oiafed.runtime.grpc import ClientSecurity
 from oiafed.runtime.grpc.client import FederationClient
+from oiafed.runtime.worker import TaskReply
 
-def train(task):
-    return ClientUpdate("client_0", 1, {"accuracy": 1.0, "loss": 0.0}, task.weights)
+def execute(round_data, client_data):
+    weights = decode_round(round_data).weights
+    return TaskReply(encode_update(ClientUpdate("client_0", 1, {"accuracy": 1.0, "loss": 0.0},
+                                                weights)))
 
-FederationClient(sys.argv[1], "client_0", train, ClientSecurity(os.environ["OIAFED_TOKEN"])).run()
+FederationClient(sys.argv[1], "client_0", execute, ClientSecurity(os.environ["OIAFED_TOKEN"])).run()
 """
 
 
@@ -364,15 +372,15 @@ def test_a_frozen_client_process_is_dropped_without_a_round_timeout():
     """SIGSTOP: the socket stays open but nothing answers; keepalive pings find it out."""
     import asyncio
 
-    from oiafed.runtime.grpc import GrpcRuntime, ServerSecurity
-    from test_grpc_transport import Seeds, make_trainer
+    from oiafed.runtime.grpc import ServerSecurity
+    from test_grpc_transport import Served, make_trainer
 
     trainer = make_trainer(1)  # round_timeout None: only the connection can tell
     weights = {"w": torch.zeros(3)}
 
     async def scenario():
-        runtime = GrpcRuntime(Seeds(), "127.0.0.1:0", ServerSecurity("token"), min_join=0)
-        await runtime.start(trainer)
+        runtime = Served(trainer, "127.0.0.1:0", ServerSecurity("token"), min_join=0)
+        await runtime.start()
         client = subprocess.Popen([sys.executable, "-c", ECHO_CLIENT, f"127.0.0.1:{runtime.port}"],
                                   env={**os.environ, "OIAFED_TOKEN": "token"})
         try:

@@ -14,7 +14,9 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,16 @@ import pytest
 import torch
 
 from oiafed import Callback, CallbackManager, ClientUpdate, Trainer
-from oiafed.core.trainer import RoundFailed
-from oiafed.core.types import ClientFailure
-from oiafed.exceptions import InputError
+from oiafed.core.types import ClientFailure, ClientTask, Outcome, RoundTask, Weights
+from oiafed.exceptions import DeploymentError, InputError, RoundFailed
+from oiafed.runtime.base import RunEnd
 from oiafed.runtime.codec import encode_weights
+from oiafed.runtime.envelope import (
+    PROTOCOL,
+    decode_client,
+    decode_round,
+    encode_update,
+)
 from oiafed.runtime.grpc import ClientSecurity, GrpcRuntime, ServerSecurity
 from oiafed.runtime.grpc.auth import read_token
 from oiafed.runtime.grpc.client import (
@@ -34,12 +42,11 @@ from oiafed.runtime.grpc.client import (
     Finished,
     RefusedError,
     ServerUnreachable,
-    Task,
 )
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
-from oiafed.runtime.grpc.server import DeploymentError
-from oiafed.runtime.grpc.wire import PROTOCOL, parse_address
+from oiafed.runtime.grpc.wire import parse_address
+from oiafed.runtime.worker import TaskReply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,23 +76,74 @@ def make_trainer(num_clients: int = 2, **args: Any) -> Trainer:
     return trainer
 
 
-class Seeds:
-    """Stands in for the server's ClientWorker: each client's seed per round."""
+def seed_of(client_id: str, round_num: int) -> int:
+    return 1000 * round_num + int(client_id.rsplit("_", 1)[1])
 
-    def client_seed(self, client_id: str, round_num: int) -> int:
-        return 1000 * round_num + int(client_id.rsplit("_", 1)[1])
+
+STOPPED = RunEnd(ok=False, reason="the run stopped in round 0")
+
+
+class Served:
+    """A ``GrpcRuntime`` driven as the trainer drives it: joins reported as a round starts,
+    each client's seed ``seed_of``, the deadline from ``round_timeout``."""
+
+    def __init__(self, trainer: Trainer, address: str, security: ServerSecurity | None = None,
+                 **options: Any) -> None:
+        self.trainer = trainer
+        self.runtime = GrpcRuntime(address, security or ServerSecurity(TOKEN), **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runtime, name)
+
+    async def start(self) -> None:
+        await self.runtime.start(self.trainer.run_spec())
+
+    async def train(self, round_num: int, client_ids: list[str], weights: Weights,
+                    config: dict[str, Any]) -> list[Outcome]:
+        self.trainer.recorder.joins += self.runtime.take_joins()
+        timeout = self.trainer.round_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return await self.runtime.train(RoundTask(round_num, weights, config),
+                                        [ClientTask(cid, seed_of(cid, round_num))
+                                         for cid in client_ids], deadline)
+
+    async def close(self, end: RunEnd = STOPPED) -> None:
+        await self.runtime.close(end)
 
 
 @contextlib.asynccontextmanager
 async def serving(trainer: Trainer, security: ServerSecurity | None = None,
-                  min_join: int = 0) -> AsyncIterator[GrpcRuntime]:
-    runtime = GrpcRuntime(Seeds(), "127.0.0.1:0", security or ServerSecurity(TOKEN),
-                          min_join=min_join, join_timeout=30)
-    await runtime.start(trainer)
+                  min_join: int = 0) -> AsyncIterator[Served]:
+    runtime = Served(trainer, "127.0.0.1:0", security, min_join=min_join, join_timeout=30)
+    await runtime.start()
     try:
         yield runtime
     finally:
         await runtime.close()
+
+
+@dataclass
+class Task:
+    """A task as a test client sees it."""
+
+    round_num: int
+    seed: int
+    config: dict[str, Any]
+    weights: Weights
+
+
+def as_execute(train: Callable[[Task], ClientUpdate]) -> Callable[[bytes, bytes], TaskReply]:
+    """A worker entry point (bytes in, reply out) around a test's ``train`` function."""
+
+    def execute(round_data: bytes, client_data: bytes) -> TaskReply:
+        try:
+            task, client = decode_round(round_data), decode_client(client_data)
+            update = train(Task(task.round_num, client.seed, task.config, task.weights))
+            return TaskReply(update=encode_update(update))
+        except Exception:
+            return TaskReply(traceback=traceback.format_exc())
+
+    return execute
 
 
 def echo(client_id: str, seen: list[Task] | None = None, delta: float = 1.0,
@@ -109,7 +167,7 @@ class ClientThread:
 
     def __init__(self, port: int, client_id: str, train: Callable[[Task], ClientUpdate],
                  security: ClientSecurity | None = None, reconnect_timeout: float = 10.0) -> None:
-        self.client = FederationClient(f"127.0.0.1:{port}", client_id, train,
+        self.client = FederationClient(f"127.0.0.1:{port}", client_id, as_execute(train),
                                        security or ClientSecurity(TOKEN),
                                        reconnect_timeout=reconnect_timeout)
         self.result: Any = None
@@ -184,9 +242,9 @@ def test_start_waits_for_min_join_and_join_hooks_fire_in_the_trainer_flow():
     port = free_port()
 
     async def scenario():
-        runtime = GrpcRuntime(Seeds(), f"127.0.0.1:{port}", ServerSecurity(TOKEN), min_join=3,
+        runtime = Served(trainer, f"127.0.0.1:{port}", ServerSecurity(TOKEN), min_join=3,
                               join_timeout=60)
-        starting = asyncio.ensure_future(runtime.start(trainer))
+        starting = asyncio.ensure_future(runtime.start())
         await asyncio.sleep(0.3)
         assert not starting.done()  # nobody joined yet
         clients = [ClientThread(port, f"client_{i}", echo(f"client_{i}")) for i in range(3)]
@@ -223,7 +281,7 @@ def test_a_wrong_or_missing_token_is_refused_and_never_joins(token, caplog):
     assert isinstance(client.error, RefusedError)
     assert "missing or wrong token" in str(client.error) and "UNAUTHENTICATED" in str(client.error)
     assert client.client.connections == 0 and sessions == {}
-    assert outcomes == [ClientFailure("client_0", "not connected")]
+    assert outcomes == [ClientFailure("client_0", "not connected", "disconnected")]
     assert trainer.recorder.joins == []
     assert "refused a connection from ipv4:127.0.0.1" in caplog.text
 
@@ -441,8 +499,7 @@ async def rogue_client(port: int, client_id: str, payload: bytes, *, declared: i
         if hang_up:
             call.cancel()
             return
-        header = pb.UpdateHeader(task_id=task.task_id, num_samples=5,
-                                 metrics={"accuracy": 1.0, "loss": 0.0})
+        header = pb.UpdateHeader(task_id=task.task_id)
         if declared is None:  # a payload that fits one message travels inside the header
             header.size, header.data = len(payload), payload
             await call.write(pb.ClientMessage(update=header))
@@ -528,7 +585,10 @@ def test_training_errors_fail_the_client_for_the_round_only():
         return first, second
 
     first, second = run(scenario())
-    assert first == [ClientFailure("client_0", "training failed: ValueError: out of memory, say")]
+    (failure,) = first
+    assert isinstance(failure, ClientFailure) and failure.kind == "raised"
+    assert failure.error.startswith("Traceback (most recent call last)")
+    assert failure.error.rstrip().endswith("ValueError: out of memory, say")
     assert isinstance(second[0], ClientUpdate)
 
 
@@ -573,15 +633,15 @@ def test_a_client_reconnects_to_a_restarted_server():
     trainer = make_trainer(1)
 
     async def scenario():
-        runtime = GrpcRuntime(Seeds(), "127.0.0.1:0", ServerSecurity(TOKEN), min_join=0)
-        await runtime.start(trainer)
+        runtime = Served(trainer, "127.0.0.1:0", ServerSecurity(TOKEN), min_join=0)
+        await runtime.start()
         port = runtime.port
         client = ClientThread(port, "client_0", echo("client_0"), reconnect_timeout=30)
         await joined(runtime, "client_0")
         await runtime._server.stop(grace=None)  # the server dies without a word
-        runtime = GrpcRuntime(Seeds(), f"127.0.0.1:{port}", ServerSecurity(TOKEN), min_join=1,
+        runtime = Served(trainer, f"127.0.0.1:{port}", ServerSecurity(TOKEN), min_join=1,
                               join_timeout=20)
-        await runtime.start(trainer)
+        await runtime.start()
         outcomes = await runtime.train(1, ["client_0"], WEIGHTS, {})
         await runtime.close()
         await client.ended()
@@ -596,9 +656,9 @@ def test_too_few_joins_within_the_join_timeout_is_a_clear_error():
     trainer = make_trainer(3)
 
     async def scenario():
-        runtime = GrpcRuntime(Seeds(), "127.0.0.1:0", ServerSecurity(TOKEN), min_join=2,
+        runtime = Served(trainer, "127.0.0.1:0", ServerSecurity(TOKEN), min_join=2,
                               join_timeout=0.3)
-        await runtime.start(trainer)
+        await runtime.start()
 
     with pytest.raises(DeploymentError, match=r"only 0 of 2 client\(s\) joined within "
                                               r"runtime.join_timeout=0.3s"):

@@ -14,7 +14,8 @@ import pytest
 
 import oiafed
 from oiafed.config import load_config
-from oiafed.runtime.parallel import ParallelRuntime, WorkerError
+from oiafed.exceptions import ClientTrainingError, WorkerError
+from oiafed.runtime.parallel import ParallelRuntime
 from support import Recorder, tiny_config, without_timing
 
 HELPERS = '''
@@ -137,9 +138,9 @@ def no_workers_left() -> bool:
 
 def test_default_worker_count_is_the_cpu_count():
     cfg = load_config(tiny_config(runtime={"mode": "parallel"}))
-    assert ParallelRuntime(cfg, None).num_workers == os.cpu_count()
+    assert ParallelRuntime(cfg).num_workers == os.cpu_count()
     cfg = load_config(tiny_config(runtime={"mode": "parallel", "workers": 3}))
-    assert ParallelRuntime(cfg, None).num_workers == 3
+    assert ParallelRuntime(cfg).num_workers == 3
 
 
 def test_golden_hooks_epoch_hooks_in_workers_and_history_equal_to_serial(
@@ -242,9 +243,11 @@ def test_an_exception_in_local_training_is_a_client_failure_or_stops_a_strict_ru
     recorder = Recorder()
     result = oiafed.run(parallel(config), run_dir=tmp_path / "run", callbacks=[recorder])
     failures = [t for t in recorder.trace if t[0] == "on_client_failure"]
-    assert failures == [("on_client_failure", "client_2", "ValueError: cannot train client_2")]
+    assert [f[1] for f in failures] == ["client_2"]
+    assert failures[0][2].startswith("Traceback (most recent call last)")
+    assert failures[0][2].rstrip().endswith("ValueError: cannot train client_2")
     assert result.history[0]["num_clients"] == 3
-    with pytest.raises(WorkerError, match=r"client_2 failed in a worker process.*cannot train"):
+    with pytest.raises(ClientTrainingError, match=r"training client_2 raised(.|\n)*cannot train"):
         oiafed.run(parallel({**config, "strict": True}), run_dir=tmp_path / "strict")
     assert no_workers_left()
 

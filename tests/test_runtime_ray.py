@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 import oiafed
-from oiafed.exceptions import ConfigError
-from oiafed.runtime.parallel import WorkerError
+from oiafed.exceptions import ConfigError, WorkerError
 from support import RegistrySnapshot, tiny_config
 from test_runtime_parallel import (
     HELPERS,

@@ -26,7 +26,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError
@@ -157,7 +157,14 @@ class ClientStateStore:
             client_id, state = self._memory.popitem(last=False)
             self._write(client_id, state)
 
+    @overload
+    def _file(self, client_id: str, create: Literal[True]) -> Path: ...
+
+    @overload
+    def _file(self, client_id: str, create: Literal[False]) -> Path | None: ...
+
     def _file(self, client_id: str, create: bool) -> Path | None:
+        """The spill file of ``client_id``; with ``create``, making the spill folder if need be."""
         _check_id(client_id)
         if self._dir is None:
             if not create:

@@ -33,21 +33,27 @@ class Component(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-def _section(default_type: str) -> type[Component]:
-    """A ``{type, args}`` section whose ``type`` may be left out (``default_type``)."""
-
-    class Section(Component):
-        type: str = Field(default_type, min_length=1)
-
-    Section.__name__ = f"{default_type.title()}Section"
-    return Section
+# Sections whose ``type`` may be left out (it takes the default shown).
 
 
-ModelSection = _section("mlp")
-TrainerSection = _section("default")
-LearnerSection = _section("default")
-AggregatorSection = _section("fedavg")
-PartitionSection = _section("iid")
+class ModelSection(Component):
+    type: str = Field("mlp", min_length=1)
+
+
+class TrainerSection(Component):
+    type: str = Field("default", min_length=1)
+
+
+class LearnerSection(Component):
+    type: str = Field("default", min_length=1)
+
+
+class AggregatorSection(Component):
+    type: str = Field("fedavg", min_length=1)
+
+
+class PartitionSection(Component):
+    type: str = Field("iid", min_length=1)
 
 
 class DataConfig(_Strict):
@@ -152,12 +158,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
         if not all(parts):
             raise ConfigError(f"override key {key!r} has an empty part; use key.path=value")
         node: Any = result
-        for depth, part in enumerate(parts):
+        for depth, name in enumerate(parts):
             where = ".".join(parts[: depth + 1])
+            part: str | int = name
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"no list item {part!r} in override {key!r}", where)
-                part = int(part)
+                if not name.isdigit() or int(name) >= len(node):
+                    raise ConfigError(f"no list item {name!r} in override {key!r}", where)
+                part = int(name)
             elif not isinstance(node, dict):
                 parent = ".".join(parts[:depth])
                 raise ConfigError(f"cannot set {key!r}: {parent} holds a value, not a section", parent)

@@ -12,7 +12,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pydantic
 
@@ -142,7 +142,7 @@ def _args_model(target: Any, injected: frozenset[str]) -> type[pydantic.BaseMode
         except (TypeError, ValueError):
             return None
     fields: dict[str, Any] = {}
-    extra = "forbid"
+    extra: Literal["allow", "forbid"] = "forbid"
     for param in signature.parameters.values():
         if param.kind is param.VAR_KEYWORD:
             extra = "allow"

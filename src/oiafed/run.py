@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from oiafed import registry
-from oiafed.callbacks.base import CallbackManager
+from oiafed.callbacks.base import CallbackManager, overrides
 from oiafed.config import ExperimentConfig, load_config
 from oiafed.core.trainer import Trainer
 from oiafed.core.types import TrainResult
@@ -42,6 +42,8 @@ class Experiment:
         model = build_model(cfg, data)
         manager = CallbackManager([*build_callbacks(cfg), *(extra_callbacks or [])],
                                   strict=cfg.strict)
+        if cfg.runtime.mode != "serial":
+            _warn_driver_only_hooks(cfg.runtime.mode, extra_callbacks or [])
         worker = ClientWorker.from_config(cfg, callbacks=manager, data=data, model=model)
         trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
         trainer.fit_config["lr"] = worker.learner.lr
@@ -57,6 +59,19 @@ class Experiment:
             index_of=data.index_of,
         )
         return cls(cfg, data, trainer, manager)
+
+
+def _warn_driver_only_hooks(mode: str, callbacks: list[Any]) -> None:
+    """Warn when callbacks given as instances (not in the config) have epoch hooks: learners
+    that run elsewhere rebuild only the configured callbacks."""
+    names = [type(cb).__name__ for cb in callbacks
+             if any(overrides(cb, hook) for hook in ("on_epoch_start", "on_epoch_end"))]
+    if names:
+        logger.warning(
+            "runtime.mode %s: the epoch hooks of %s (callback instances, not in the config) "
+            "run only in serial mode; learners in other processes rebuild the callbacks of the "
+            "config. Register the callback and list it under callbacks: to run its epoch hooks "
+            "where the learners run.", mode, ", ".join(names))
 
 
 def validate(

@@ -117,7 +117,7 @@ class CallbackErrorRecord:
                 "round": self.round_num}
 
 
-def _overrides(callback: object, hook: str) -> bool:
+def overrides(callback: object, hook: str) -> bool:
     """True when ``callback`` implements ``hook`` itself (not the empty base version)."""
     method = getattr(type(callback), hook, None)
     return method is not None and method is not getattr(Callback, hook, None)
@@ -178,7 +178,7 @@ class CallbackManager:
         return [
             (callback_label(cb), getattr(cb, hook))
             for cb in self.callbacks
-            if _overrides(cb, hook) or (not isinstance(cb, Callback) and hasattr(cb, hook))
+            if overrides(cb, hook) or (not isinstance(cb, Callback) and hasattr(cb, hook))
         ]
 
     def implements(self, hook: str) -> bool:

@@ -31,7 +31,7 @@ from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
 from oiafed.registry import register
-from oiafed.runtime.base import RunEnd, Runtime, RunSpec
+from oiafed.runtime.base import RunEnd, RunSpec, Runtime
 from oiafed.runtime.envelope import json_problem
 from oiafed.seeding import SAMPLING, TRAIN, derive_seed, rng
 

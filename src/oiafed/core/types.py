@@ -91,7 +91,7 @@ class ClientFailure:
 
     client_id: str
     error: str
-    kind: str = "failed"
+    kind: str = field(default="failed", compare=False)
 
 
 Outcome = ClientUpdate | ClientFailure

@@ -171,6 +171,7 @@ class LeafSynthetic(FederatedSource):
         xs, ys, sample = [], [], {}
         for index in self.test_indices.tolist():
             train, held_out = self._split(index)
+            assert held_out is not None  # _split gives it with held_out=True (the default)
             xs.append(held_out.x)
             ys.append(held_out.y)
             sample[self.client_ids[index]] = {"num_samples": len(train),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from oiafed.config import ExperimentConfig
-from oiafed.runtime.base import RoundLedger, RunEnd, Runtime, RunSpec
+from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
 from oiafed.runtime.serial import SerialRuntime
 from oiafed.runtime.worker import ClientWorker
 

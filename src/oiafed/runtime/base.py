@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oiafed.core.types import ClientFailure, ClientTask, ClientUpdate, Outcome, RoundTask
-from oiafed.exceptions import ClientTrainingError, WireError
+from oiafed.exceptions import ClientTrainingError
 from oiafed.runtime.envelope import decode_update
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class RoundLedger:
         if not isinstance(update, ClientUpdate):
             try:
                 update = decode_update(update)
-            except WireError as exc:
+            except Exception as exc:  # WireError, or whatever hostile bytes provoke
                 self._resolve(ClientFailure(cid, f"malformed update: {exc}", "malformed"))
                 return
         if update.client_id != cid:

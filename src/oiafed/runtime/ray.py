@@ -12,10 +12,11 @@ Install the extra: ``pip install 'oiafed[ray]'``. Ray is imported when a ray run
   actor builds a ``ClientWorker`` from the config (sent as JSON) and keeps it for the run;
   the configured callbacks' epoch hooks run in the actors.
 
-Only bytes and JSON cross: the global weights are safetensors bytes ``ray.put`` once per round
-and fetched once per actor per round; updates come back as a JSON header and safetensors
-bytes. An actor that dies is replaced and its client retried once (a second death gives a
-``ClientFailure``), as in the parallel runtime; ``trainer.round_timeout`` bounds a round.
+Only bytes cross: the round's envelope is ``ray.put`` once per round and fetched once per actor
+per round; each client's envelope goes with its call, and the update's envelope (or the
+traceback of training that raised) comes back. The round's books and failure policy are the
+``RoundLedger``'s: an actor that dies is replaced and its client retried once, as in the
+parallel runtime; ``trainer.round_timeout`` bounds a round.
 
 Every actor imports oiafed and the config's ``imports`` modules: on a cluster, install them on
 every node or ship them with ``ray.init(runtime_env={"py_modules": [...]})`` before the run.
@@ -30,30 +31,21 @@ import logging
 import os
 import socket
 import sys
-import time
-from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from oiafed.config import ExperimentConfig
-from oiafed.core.types import ClientFailure, ClientUpdate, Weights
-from oiafed.exceptions import ConfigError
-from oiafed.runtime.codec import (
-    WireError,
-    decode_json,
-    decode_weights,
-    encode_json,
-    encode_weights,
-    update_from_wire,
-    update_header,
-)
-from oiafed.runtime.parallel import ATTEMPTS, STARTUP_TIMEOUT, WorkerError, warn_driver_only_hooks
+from oiafed.core.types import ClientTask, Outcome, RoundTask
+from oiafed.exceptions import ConfigError, WorkerError
+from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
+from oiafed.runtime.codec import decode_json, encode_json
+from oiafed.runtime.envelope import encode_client, encode_round
+from oiafed.runtime.parallel.driver import STARTUP_TIMEOUT
 from oiafed.runtime.worker import ClientWorker
 
 __all__ = ["RayRuntime", "create", "import_ray"]
 
 logger = logging.getLogger(__name__)
-
-Outcome = ClientUpdate | ClientFailure
 
 
 def import_ray() -> Any:
@@ -73,11 +65,11 @@ def import_ray() -> Any:
 def create(cfg: ExperimentConfig, worker: ClientWorker) -> RayRuntime:
     """The Ray runtime for ``cfg`` (Ray itself is imported and started in ``start``)."""
     import_ray()  # fail before anything runs when Ray is missing
-    return RayRuntime(cfg, worker)
+    return RayRuntime(cfg)
 
 
 class ClientActor:
-    """A Ray actor's state: a ``ClientWorker`` built from the config, and the round's weights."""
+    """A Ray actor's state: a ``ClientWorker`` built from the config, and the round's bytes."""
 
     def __init__(self, config_json: str, threads: int) -> None:
         import torch
@@ -85,30 +77,26 @@ class ClientActor:
         torch.set_num_threads(threads)
         cfg = ExperimentConfig.model_validate(decode_json(config_json.encode("utf-8")))
         self.worker = ClientWorker.from_config(cfg)
-        self.loop = asyncio.new_event_loop()
         self.round_num: int | None = None
-        self.weights: Weights = {}
+        self.round_data = b""
 
     def ready(self) -> int:
         """This actor's process id (once it is built)."""
         return os.getpid()
 
-    def train(self, round_num: int, weights_ref: list[Any], config_json: str, client_id: str
-              ) -> tuple[bytes, bytes]:
-        """Train ``client_id``; the JSON header and safetensors bytes of its update.
+    def train(self, round_num: int, round_ref: list[Any], client_data: bytes) -> tuple[bytes, str]:
+        """Train the client of ``client_data``: the update's bytes, or b"" and the traceback.
 
-        ``weights_ref`` is ``[ObjectRef]`` (in a list, so Ray does not fetch it for every
-        client): the round's global weights, fetched on the actor's first client of a round.
+        ``round_ref`` is ``[ObjectRef]`` (in a list, so Ray does not fetch it for every
+        client): the round's envelope, fetched on the actor's first client of a round.
         """
         if self.round_num != round_num:
             import ray
 
-            self.weights = decode_weights(ray.get(weights_ref[0]))
+            self.round_data = ray.get(round_ref[0])
             self.round_num = round_num
-        config = decode_json(config_json.encode("utf-8"))
-        update = self.loop.run_until_complete(
-            self.worker.train(client_id, self.weights, round_num, config))
-        return encode_json(update_header(update)), encode_weights(update.weights)
+        reply = self.worker.execute(self.round_data, client_data)
+        return reply.update, reply.traceback
 
 
 class _Actor:
@@ -120,21 +108,19 @@ class _Actor:
         self.client: str | None = None
 
 
-class RayRuntime:
+class RayRuntime(Runtime):
     """Trains sampled clients in Ray actors.
 
     Args:
         cfg: the experiment's config; actors rebuild everything from it.
-        worker: the driver's own ``ClientWorker`` (kept for reference, not used to train).
 
     YAML:
         runtime: {mode: ray, address: auto, num_cpus_per_client: 1}
     """
 
-    def __init__(self, cfg: ExperimentConfig, worker: ClientWorker) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self.worker = worker
-        self.trainer: Any = None
+        self.spec = RunSpec(client_ids=(), num_sampled=1)
         self.ray: Any = None
         self.started_ray = False
         self.actors: list[_Actor] = []
@@ -142,14 +128,13 @@ class RayRuntime:
         self._config_json = encode_json(cfg.model_dump(mode="json")).decode("utf-8")
         self._spawned = 0
 
-    async def start(self, trainer: Any) -> None:
+    async def start(self, spec: RunSpec) -> None:
         """Connect to (or start) Ray and create the actors; wait until each is built.
 
         Raises:
             WorkerError: when an actor cannot be built or does not start in time.
         """
-        self.trainer = trainer
-        warn_driver_only_hooks(self.cfg, trainer, "ray")
+        self.spec = spec
         ray = self.ray = import_ray()
         if not ray.is_initialized():
             self._init_ray()  # in this thread: Ray installs signal handlers in the main one
@@ -158,7 +143,7 @@ class RayRuntime:
         if count is None:
             cpus = ray.cluster_resources().get("CPU", 1.0)
             count = max(1, int(cpus // per_client))
-        count = max(1, min(count, getattr(trainer, "num_sampled", count)))
+        count = max(1, min(count, spec.num_sampled))
         self._actor_class = ray.remote(ClientActor).options(
             num_cpus=per_client, max_restarts=0, max_task_retries=0, max_concurrency=1)
         try:
@@ -215,85 +200,56 @@ class RayRuntime:
             except self.ray.exceptions.RayError as exc:
                 raise WorkerError(f"a Ray actor failed to start: {exc}") from exc
 
-    async def train(
-        self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
-    ) -> list[Outcome]:
-        """Train ``client_ids`` from ``weights``; outcomes in the order of ``client_ids``."""
+    async def train(self, task: RoundTask, clients: Sequence[ClientTask],
+                    deadline: float | None) -> list[Outcome]:
         ray = self.ray
-        try:
-            config_json = encode_json(config).decode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise WorkerError(f"trainer.fit_config must hold JSON values to reach Ray actors: "
-                              f"{exc}") from exc
-        weights_ref = await asyncio.to_thread(ray.put, encode_weights(weights))
-        timeout = getattr(self.trainer, "round_timeout", None)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending: deque[str] = deque(dict.fromkeys(client_ids))
-        deaths: dict[str, int] = {}
-        outcomes: dict[str, Outcome] = {}
+        ledger = RoundLedger(task.round_num, [c.client_id for c in clients], deadline,
+                             round_timeout=self.spec.round_timeout, strict=self.spec.strict)
+        client_data = {c.client_id: encode_client(c) for c in clients}
+        round_ref = await asyncio.to_thread(ray.put, encode_round(task))
         running: dict[asyncio.Future[Any], _Actor] = {}
-        wanted = len(set(client_ids))
         try:
-            while len(outcomes) < wanted:
+            while not ledger.done:
                 for actor in self.actors:
-                    if not pending:
+                    if not ledger.pending:
                         break
                     if actor.client is None:
-                        actor.client = cid = pending.popleft()
-                        ref = actor.handle.train.remote(round_num, [weights_ref], config_json, cid)
+                        actor.client = cid = ledger.take()
+                        assert cid is not None
+                        ref = actor.handle.train.remote(task.round_num, [round_ref],
+                                                        client_data[cid])
                         running[asyncio.wrap_future(ref.future())] = actor
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = ledger.remaining()
                 finished: set[asyncio.Future[Any]] = set()
-                if running and (remaining is None or remaining > 0):
+                if running and remaining != 0.0:
                     finished, _ = await asyncio.wait(running, timeout=remaining,
                                                      return_when=asyncio.FIRST_COMPLETED)
                 if not finished:
-                    self._expire(running, pending, outcomes, timeout)
+                    self._expire(ledger, running)
                     break
                 for future in finished:
-                    actor = running.pop(future)
-                    self._collect(round_num, actor, future, pending, deaths, outcomes)
+                    self._collect(ledger, running.pop(future), future)
         finally:
             for future in running:
                 future.cancel()
-        return [outcomes[cid] for cid in client_ids]
+        return ledger.results()
 
-    def _collect(self, round_num: int, actor: _Actor, future: asyncio.Future[Any],
-                 pending: deque[str], deaths: dict[str, int], outcomes: dict[str, Outcome]
-                 ) -> None:
+    def _collect(self, ledger: RoundLedger, actor: _Actor, future: asyncio.Future[Any]) -> None:
         ray, cid = self.ray, actor.client
         actor.client = None
+        assert cid is not None
         try:
-            header, payload = future.result()
-        except ray.exceptions.RayTaskError as exc:  # local training raised; the actor lives
-            cause = getattr(exc, "cause", None) or exc
-            error = f"{type(cause).__name__}: {cause}"
-            if self.cfg.strict:
-                raise WorkerError(f"round {round_num}: training {cid} failed in a Ray actor "
-                                  f"(strict mode): {exc}") from exc
-            logger.warning("round %d: training %s failed in %s: %s", round_num, cid, actor.name, exc)
-            outcomes[cid] = ClientFailure(cid, error)
-            return
+            update, traceback = future.result()
         except ray.exceptions.RayError as exc:  # the actor (or its worker process) is gone
             if getattr(exc, "actor_init_failed", False):
                 raise WorkerError(f"a Ray actor failed to start: {exc}") from exc
             self._replace(actor)
-            deaths[cid] = count = deaths.get(cid, 0) + 1
-            if count >= ATTEMPTS:
-                outcomes[cid] = ClientFailure(
-                    cid, f"the Ray actor training it died {count} times: {_first_line(exc)}")
-            else:
-                logger.warning("round %d: %s died while training %s (%s); replaced, %s is "
-                               "retried", round_num, actor.name, cid, _first_line(exc), cid)
-                pending.appendleft(cid)
+            ledger.died(cid, f"{actor.name}: {_first_line(exc)}")
             return
-        try:
-            update = update_from_wire(decode_json(header), payload)
-        except WireError as exc:
-            outcomes[cid] = ClientFailure(cid, f"malformed update: {exc}")
-            return
-        outcomes[cid] = (update if update.client_id == cid else
-                         ClientFailure(cid, f"the actor answered for {update.client_id!r}"))
+        if traceback:
+            ledger.raised(cid, traceback)
+        else:
+            ledger.answered(cid, update)
 
     def _replace(self, actor: _Actor) -> None:
         with contextlib.suppress(Exception):
@@ -302,21 +258,17 @@ class RayRuntime:
             self.actors.remove(actor)
         self._spawn()
 
-    def _expire(self, running: dict[asyncio.Future[Any], _Actor], pending: deque[str],
-                outcomes: dict[str, Outcome], timeout: float | None) -> None:
+    def _expire(self, ledger: RoundLedger, running: dict[asyncio.Future[Any], _Actor]) -> None:
         """The round deadline passed: clients without an update fail; busy actors are killed
         (their training may never end) and replaced."""
+        ledger.expire()
         for future, actor in list(running.items()):
-            outcomes[actor.client] = ClientFailure(
-                actor.client, f"no update within round_timeout={timeout:g}s")
             future.cancel()
             del running[future]
+            actor.client = None
             self._replace(actor)
-        for cid in pending:
-            outcomes[cid] = ClientFailure(cid, f"not trained within round_timeout={timeout:g}s")
-        pending.clear()
 
-    async def close(self) -> None:
+    async def close(self, end: RunEnd | None = None) -> None:
         """Kill the actors; shut Ray down if this runtime started it."""
         ray, actors, self.actors = self.ray, self.actors, []
         if ray is None:

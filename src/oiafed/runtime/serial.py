@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Sequence
 
 from oiafed.core.types import ClientTask, Outcome, RoundTask
-from oiafed.runtime.base import RoundLedger, Runtime, RunSpec
+from oiafed.runtime.base import RoundLedger, RunSpec, Runtime
 from oiafed.runtime.worker import ClientWorker
 
 

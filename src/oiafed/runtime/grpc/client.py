@@ -1,48 +1,38 @@
 """The client side of a deployment: a process that joins the server and trains when asked.
 
 ``FederationClient`` holds the ``Connect`` stream (see ``proto/oiafed.proto``): it says Hello,
-receives tasks with the global weights in chunks, hands them to a training function and sends
-back the update in chunks. A dropped connection is retried (with back-off) until the server
+receives tasks (the round's and its own envelope, in chunks), hands their bytes to the worker's
+entry point (``ClientWorker.execute``) and sends back the update's envelope in chunks, or the
+traceback of training that raised. A dropped connection is retried (with back-off) until the server
 says the run is over, or until it has been unreachable for ``reconnect_timeout`` seconds. A
 refusal (wrong token, unknown client id, another model) is final.
 
-``run_client`` builds the training function from the config: the configured learner and
+``run_client`` builds the ``ClientWorker`` from the config: the configured learner and
 callbacks (epoch hooks run in this process), trained on this client's partition, computed from
 the seed exactly as the server computes it, or on a local dataset (``local_data``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import torch
 
-from oiafed import registry
-from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig
-from oiafed.core.types import ClientUpdate, Weights
-from oiafed.exceptions import InputError, RefusedError, ServerUnreachable
-from oiafed.runtime.codec import WireError
+from oiafed.exceptions import InputError, RefusedError, ServerUnreachable, WireError
+from oiafed.runtime.envelope import PROTOCOL
 from oiafed.runtime.grpc.auth import ClientSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
-from oiafed.runtime.grpc.tensors import Assembler, encode_chunks
-from oiafed.runtime.grpc.wire import (
-    CLIENT_OPTIONS,
-    PROTOCOL,
-    model_digest,
-    parse_address,
-)
-from oiafed.runtime.worker import ClientWorker, build_callbacks, build_model
+from oiafed.runtime.grpc.wire import CLIENT_OPTIONS, model_digest, parse_address
+from oiafed.runtime.tensors import CHUNK_SIZE, Assembler
+from oiafed.runtime.worker import ClientWorker, TaskReply
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +44,8 @@ REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_")
 
 
-@dataclass
-class Task:
-    """A training task as the client receives it."""
-
-    round_num: int
-    seed: int
-    config: dict[str, Any]
-    weights: Weights
+Execute = Callable[[bytes, bytes], TaskReply]
+"""The worker's entry point: the round's and the client's envelope bytes in, a reply out."""
 
 
 @dataclass
@@ -77,25 +61,25 @@ class _Dropped(Exception):
 
 
 class FederationClient:
-    """Joins ``server`` as ``client_id`` and runs ``train`` for every task it is sent.
+    """Joins ``server`` as ``client_id`` and runs ``execute`` for every task it is sent.
 
     Args:
         server: ``HOST:PORT`` of the server.
         client_id: this client's id (``client_3``).
-        train: trains from a ``Task``; returns the ``ClientUpdate`` (an exception is reported
-            to the server as this client's failure in that round).
+        execute: the worker's entry point (``ClientWorker.execute``): task bytes in, the
+            update's bytes or the traceback of training that raised out.
         security: token and TLS material.
         digest: the model digest the server checks (``wire.model_digest(cfg)``).
         reconnect_timeout: give up after this many seconds without a connection.
     """
 
-    def __init__(self, server: str, client_id: str, train: Callable[[Task], ClientUpdate],
+    def __init__(self, server: str, client_id: str, execute: Execute,
                  security: ClientSecurity, *, digest: str = "",
                  reconnect_timeout: float = 300.0) -> None:
         parse_address(server, "--server")
         self.server = server
         self.client_id = client_id
-        self.train = train
+        self.execute = execute
         self.security = security
         self.digest = digest
         self.reconnect_timeout = reconnect_timeout
@@ -186,7 +170,7 @@ class FederationClient:
                     self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "chunk":
-                if task is None or message.chunk.task_id != task.task_id:
+                if task is None or assembler is None or message.chunk.task_id != task.task_id:
                     continue
                 if assembler.add(message.chunk.data):
                     self._answer(task, assembler, outbox)
@@ -200,28 +184,29 @@ class FederationClient:
 
     def _answer(self, task: pb.TrainTask, assembler: Assembler,
                 outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
-        try:
-            work = Task(task.round, task.seed, json.loads(task.config_json or "{}"),
-                        assembler.weights())
-            update = self.train(work)
-            size, pieces = encode_chunks(update.weights)
-        except Exception as exc:
-            logger.exception("round %d: training failed", task.round)
+        payload = assembler.buffer
+        if task.round_size > len(payload):
+            raise WireError(f"a task of {len(payload)} bytes says its round part has "
+                            f"{task.round_size}")
+        reply = self.execute(payload[:task.round_size], payload[task.round_size:])
+        if reply.traceback:
+            logger.error("round %d: training failed:\n%s", task.round, reply.traceback)
             outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
-                                                           error=f"{type(exc).__name__}: {exc}")))
+                                                           traceback=reply.traceback)))
             return
-        pieces = list(pieces)
+        update = reply.update
+        single = len(update) <= CHUNK_SIZE
         outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
-            task_id=task.task_id, num_samples=update.num_samples, size=size,
-            metrics={k: float(v) for k, v in update.metrics.items()},
-            data=pieces.pop() if len(pieces) == 1 else b"")))  # one piece travels inside
-        for piece in pieces:
-            outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
+            task_id=task.task_id, size=len(update), data=update if single else b"")))
+        if not single:
+            for start in range(0, len(update), CHUNK_SIZE):
+                outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id,
+                                                           data=update[start:start + CHUNK_SIZE])))
 
 
-def build_trainer(cfg: ExperimentConfig, client_id: str, *, local_data: bool = False
-                  ) -> Callable[[Task], ClientUpdate]:
-    """The training function of ``client_id``: the configured learner (and callbacks) on the
+def build_worker(cfg: ExperimentConfig, client_id: str, *, local_data: bool = False
+                 ) -> ClientWorker:
+    """The ``ClientWorker`` of ``client_id``: the configured learner (and callbacks) on the
     client's partition of the configured data, or, with ``local_data``, on the whole
     configured dataset (a local one, e.g. ``data.type=mnist data.args.root=/data/site3``).
 
@@ -229,33 +214,15 @@ def build_trainer(cfg: ExperimentConfig, client_id: str, *, local_data: bool = F
         InputError: for a client id the config does not have, or a dataset that cannot serve
             as local data.
     """
-    if local_data:
-        registry.import_modules(cfg.imports)
-        data = registry.build("dataset", {"type": cfg.data.type, "args": cfg.data.args}, "data",
-                              seed=cfg.seed)
-        if not hasattr(data, "x") or not hasattr(data, "input_shape"):
-            raise InputError(f"data.type {cfg.data.type!r} does not load one local dataset; "
-                             "--local-data needs one such as digits or mnist")
-        learner = registry.build("learner", cfg.learner.model_dump(), "learner")
-        learner.setup(build_model(cfg, data),
-                      CallbackManager(build_callbacks(cfg), strict=cfg.strict))
-    else:
-        worker = ClientWorker.from_config(cfg)
-        learner = worker.learner
+    worker = ClientWorker.from_config(cfg, local_data=local_data)
+    if worker.data is not None:
         try:
-            data = worker.data.client_data(client_id)
+            worker.data.index_of(client_id)
         except (KeyError, ValueError, IndexError):
             ids = worker.data.client_ids
             raise InputError(f"unknown client id {client_id!r}: the config has {ids[0]} .. "
                              f"{ids[-1]} ({len(ids)} clients)") from None
-    loop = asyncio.new_event_loop()
-
-    def train(task: Task) -> ClientUpdate:
-        return loop.run_until_complete(learner.fit(
-            client_id, task.weights, data, round_num=task.round_num, seed=task.seed,
-            config=task.config))
-
-    return train
+    return worker
 
 
 def run_client(cfg: ExperimentConfig, *, server: str, client_id: str, security: ClientSecurity,
@@ -264,9 +231,11 @@ def run_client(cfg: ExperimentConfig, *, server: str, client_id: str, security: 
     """Join ``server`` as ``client_id`` and train until the run is over (``oiafed client``)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    train = build_trainer(cfg, client_id, local_data=local_data)
-    client = FederationClient(server, client_id, train, security, digest=model_digest(cfg),
-                              reconnect_timeout=reconnect_timeout)
+    worker = build_worker(cfg, client_id, local_data=local_data)
+    client = FederationClient(server, client_id, worker.execute, security,
+                              digest=model_digest(cfg), reconnect_timeout=reconnect_timeout)
     logger.info("%s: connecting to %s", client_id, server)
-    return client.run()
-
+    try:
+        return client.run()
+    finally:
+        worker.close()

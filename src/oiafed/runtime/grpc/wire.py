@@ -1,17 +1,13 @@
-"""What both ends of the wire share: protocol version, channel options, digests, addresses."""
+"""What both ends of the wire share: channel options, digests, addresses (the protocol version
+is the envelope's, ``envelope.PROTOCOL``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 from oiafed.config import ExperimentConfig
 from oiafed.exceptions import InputError
-from oiafed.runtime.codec import WireError
-
-PROTOCOL = 2
-"""Wire protocol version; a client of another version is refused at its Hello."""
 
 MAX_MESSAGE = 4 << 20
 """The largest single message either side accepts."""
@@ -60,15 +56,3 @@ def parse_address(address: str, flag: str = "address") -> tuple[str, int]:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def fit_config_json(config: dict[str, Any]) -> str:
-    """The per-round fit config as JSON (values must be JSON-able: numbers, strings, lists...).
-
-    Raises:
-        WireError: naming the key whose value cannot travel.
-    """
-    try:
-        return json.dumps(config, allow_nan=True)
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"trainer.fit_config cannot be sent to clients as JSON: {exc}") from exc

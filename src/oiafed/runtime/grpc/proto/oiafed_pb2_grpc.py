@@ -28,10 +28,10 @@ if _version_not_supported:
 class FederationStub:
     """One long-lived bidirectional stream per client process. The client opens it with its token in
     the call metadata ("authorization: Bearer <token>") and sends Hello first; the server answers
-    Welcome (or ends the call with an error status), then sends TrainTasks, each holding the
-    global weights or followed by them in Chunks (when they exceed one chunk); the client answers
-    each task with an UpdateHeader, its weights inside or in Chunks after it, or a TaskError.
-    Finish ends the run.
+    Welcome (or ends the call with an error status), then sends TrainTasks, each holding its
+    payload (the round's envelope, then the client's) or followed by it in Chunks (when it
+    exceeds one chunk); the client answers each task with an UpdateHeader, the update's envelope
+    inside or in Chunks after it, or a TaskError. Finish ends the run.
     """
 
     def __init__(self, channel):
@@ -50,10 +50,10 @@ class FederationStub:
 class FederationServicer:
     """One long-lived bidirectional stream per client process. The client opens it with its token in
     the call metadata ("authorization: Bearer <token>") and sends Hello first; the server answers
-    Welcome (or ends the call with an error status), then sends TrainTasks, each holding the
-    global weights or followed by them in Chunks (when they exceed one chunk); the client answers
-    each task with an UpdateHeader, its weights inside or in Chunks after it, or a TaskError.
-    Finish ends the run.
+    Welcome (or ends the call with an error status), then sends TrainTasks, each holding its
+    payload (the round's envelope, then the client's) or followed by it in Chunks (when it
+    exceeds one chunk); the client answers each task with an UpdateHeader, the update's envelope
+    inside or in Chunks after it, or a TaskError. Finish ends the run.
     """
 
     def Connect(self, request_iterator, context):
@@ -81,10 +81,10 @@ def add_FederationServicer_to_server(servicer, server):
 class Federation:
     """One long-lived bidirectional stream per client process. The client opens it with its token in
     the call metadata ("authorization: Bearer <token>") and sends Hello first; the server answers
-    Welcome (or ends the call with an error status), then sends TrainTasks, each holding the
-    global weights or followed by them in Chunks (when they exceed one chunk); the client answers
-    each task with an UpdateHeader, its weights inside or in Chunks after it, or a TaskError.
-    Finish ends the run.
+    Welcome (or ends the call with an error status), then sends TrainTasks, each holding its
+    payload (the round's envelope, then the client's) or followed by it in Chunks (when it
+    exceeds one chunk); the client answers each task with an UpdateHeader, the update's envelope
+    inside or in Chunks after it, or a TaskError. Finish ends the run.
     """
 
     @staticmethod

@@ -4,22 +4,17 @@
 are started once per run with the "spawn" method. Each one builds its own ``ClientWorker``
 from the config (data partitions, model, learner and the configured callbacks, whose epoch
 hooks then run in that process) and keeps it for the whole run, with
-``torch.set_num_threads(runtime.threads or 1)``.
+``torch.set_num_threads(runtime.threads or 1)``. The worker side is ``worker.py``.
 
-Nothing crosses a process boundary pickled: each message is two raw frames on a pipe
-(``Connection.send_bytes``), a JSON header and a payload of safetensors bytes (or nothing).
-Per round, a worker receives the global weights once, before its first client of the round;
-then client ids go to the workers as they free up, each holding ``QUEUE_DEPTH`` of them (the
-one it trains and the next, so that it never waits for the driver between clients); the
-updates come back in the order of ``client_ids`` whatever order they finished in. A client
-queued behind a straggler (``STRAGGLER_SECONDS``) goes to a free worker instead.
+Per round, a worker receives the round's envelope once, before its first client of the round;
+then client envelopes go to the workers as they free up, each holding ``QUEUE_DEPTH`` of them
+(the one it trains and the next, so that it never waits for the driver between clients). A
+client queued behind a straggler (``STRAGGLER_SECONDS``) goes to a free worker instead.
 
-A worker process that dies (killed, out of memory, a crash in native code) is replaced by a
-fresh one and the client it was training is retried once; a second death gives that client a
-``ClientFailure`` (the trainer calls ``on_client_failure`` and the round goes on). An
-exception in local training gives a ``ClientFailure`` too (with ``strict: true`` it stops
-the run). ``trainer.round_timeout`` bounds a round: clients without an update by then fail
-and the workers still training them are killed and replaced.
+The round's books and the failure policy are the ``RoundLedger``'s (``runtime/base.py``): a
+worker process that dies is replaced by a fresh one and its client retried once; training that
+raises is a client failure (strict: the run fails); at the deadline the workers still training
+are killed and replaced.
 
 A script that runs a parallel experiment must guard its entry point with
 ``if __name__ == "__main__":`` (the "spawn" start method imports the main module again).
@@ -33,32 +28,25 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import time
-import traceback
 from collections import deque
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
 
-from oiafed.callbacks.base import Callback
 from oiafed.config import ExperimentConfig
-from oiafed.core.types import ClientFailure, ClientUpdate, Weights
-from oiafed.exceptions import WorkerError
-from oiafed.runtime.codec import (
-    WireError,
-    decode_json,
-    decode_weights,
-    encode_json,
-    encode_weights,
-    update_from_wire,
-    update_header,
-)
+from oiafed.core.types import ClientTask, Outcome, RoundTask
+from oiafed.exceptions import WireError, WorkerError
+from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
+from oiafed.runtime.codec import encode_json
+from oiafed.runtime.envelope import encode_client, encode_round
+from oiafed.runtime.parallel.worker import receive, worker_main
 from oiafed.runtime.worker import ClientWorker
 
-__all__ = ["ParallelRuntime", "WorkerError", "create"]
+__all__ = ["ParallelRuntime", "create", "describe_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,44 +56,16 @@ STOP_GRACE = 5.0
 """Seconds ``close`` waits for workers to exit before it kills them."""
 POLL = 0.5
 """Seconds between checks of a stop request while waiting for workers."""
-ATTEMPTS = 2
-"""Tries a client gets when the process training it dies (the first and one retry)."""
 QUEUE_DEPTH = 2
 """Client ids a worker holds at once: the one it trains and those it trains next."""
-SEND_BUFFER = 8 * 2**20
-"""Bytes of socket send buffer a worker asks for (the system caps it: net.core.wmem_max)."""
 STRAGGLER_SECONDS = 1.0
 """A client trained this long, and 3x the round's mean so far, is a straggler: a free worker
 takes the client queued behind it."""
 
-Outcome = ClientUpdate | ClientFailure
-
 
 def create(cfg: ExperimentConfig, worker: ClientWorker) -> ParallelRuntime:
     """The parallel runtime for ``cfg`` (``worker``, the driver's own, is not used to train)."""
-    return ParallelRuntime(cfg, worker)
-
-
-def warn_driver_only_hooks(cfg: ExperimentConfig, trainer: Any, mode: str) -> None:
-    """Log a warning when callbacks given as instances (not in the config) have epoch hooks:
-    learners run elsewhere and rebuild only the configured callbacks."""
-    manager = getattr(trainer, "callbacks", None)
-    extra = list(getattr(manager, "callbacks", []))[len(cfg.callbacks):]
-    names = [type(cb).__name__ for cb in extra if _has_epoch_hooks(cb)]
-    if names:
-        logger.warning(
-            "runtime.mode %s: the epoch hooks of %s (callback instances, not in the config) "
-            "run only in serial mode; learners in other processes rebuild the callbacks of the "
-            "config. Register the callback and list it under callbacks: to run its epoch hooks "
-            "where the learners run.", mode, ", ".join(names))
-
-
-def _has_epoch_hooks(callback: Any) -> bool:
-    for hook in ("on_epoch_start", "on_epoch_end"):
-        method = getattr(type(callback), hook, None)
-        if method is not None and method is not getattr(Callback, hook):
-            return True
-    return False
+    return ParallelRuntime(cfg)
 
 
 def describe_exit(code: int | None) -> str:
@@ -118,98 +78,6 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Inside a worker process
-
-
-def _send(conn: Connection, header: dict[str, Any], payload: bytes = b"") -> None:
-    conn.send_bytes(encode_json(header))
-    conn.send_bytes(payload)
-
-
-def _recv(conn: Connection) -> tuple[dict[str, Any], bytes]:
-    header = decode_json(conn.recv_bytes())
-    return header, conn.recv_bytes()
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _widen_send_buffer(conn: Connection) -> None:
-    """Let an update fit in the kernel's buffer (as far as the system allows), so the worker
-    goes on to its next client without waiting for the driver to read the last one."""
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-
-
-def _take_revoke(inbox: deque[tuple[dict[str, Any], bytes]], cid: str, round_num: int) -> bool:
-    """Whether ``inbox`` revokes ``cid`` in ``round_num`` (the revoke is then removed)."""
-    wanted = {"op": "revoke", "client_id": cid, "round": round_num}
-    for message in inbox:
-        if message[0] == wanted:
-            inbox.remove(message)
-            return True
-    return False
-
-
-def worker_main(conn: Connection) -> None:
-    """A worker process: build a ``ClientWorker`` from the config, then train clients on
-    request until told to stop or the driver goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and stops us
-    try:
-        init, _ = _recv(conn)
-        torch.set_num_threads(int(init.get("threads") or 1))
-        cfg = ExperimentConfig.model_validate(init["config"])
-        worker = ClientWorker.from_config(cfg)
-    except EOFError:
-        return
-    except Exception as exc:
-        _send(conn, {"op": "fatal", "error": _error_text(exc), "traceback": traceback.format_exc()})
-        return
-    _send(conn, {"op": "ready", "pid": os.getpid()})
-    _widen_send_buffer(conn)
-    loop = asyncio.new_event_loop()
-    inbox: deque[tuple[dict[str, Any], bytes]] = deque()  # read ahead, not yet acted on
-    weights: Weights = {}
-    round_num, config = 0, {}
-    try:
-        while True:
-            try:
-                header, payload = inbox.popleft() if inbox else _recv(conn)
-            except (EOFError, OSError):
-                return  # the driver is gone
-            op = header.get("op")
-            if op == "stop":
-                return
-            if op == "round":
-                round_num, config = int(header["round"]), dict(header["config"])
-                weights = decode_weights(payload)
-            elif op == "train":
-                cid = header["client_id"]
-                while conn.poll():
-                    inbox.append(_recv(conn))
-                if _take_revoke(inbox, cid, round_num):  # another worker has it now
-                    _send(conn, {"op": "skipped", "client_id": cid, "round": round_num})
-                    continue
-                try:
-                    update = loop.run_until_complete(worker.train(cid, weights, round_num, config))
-                    data = encode_weights(update.weights)
-                except Exception as exc:
-                    _send(conn, {"op": "error", "client_id": cid, "round": round_num,
-                                 "error": _error_text(exc), "traceback": traceback.format_exc()})
-                    continue
-                _send(conn, {"op": "update", "round": round_num, **update_header(update)}, data)
-    except (EOFError, OSError):
-        return  # a send failed: the driver is gone
-    finally:
-        loop.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# In the driver
 
 
 class _Process:
@@ -230,6 +98,10 @@ class _Process:
         conn.send_bytes(init)
         conn.send_bytes(b"")
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
     def send(self, header: bytes, payload: bytes = b"") -> None:
         self.conn.send_bytes(header)
         self.conn.send_bytes(payload)
@@ -246,16 +118,15 @@ class _Process:
 
 
 class _Round:
-    """The bookkeeping of one round's clients."""
+    """One round as the driver runs it: the ledger, the messages, how long clients took."""
 
-    def __init__(self, round_num: int, client_ids: list[str], message: bytes, payload: bytes):
-        self.round_num = round_num
-        self.client_ids = client_ids
+    def __init__(self, ledger: RoundLedger, message: bytes, payload: bytes,
+                 clients: dict[str, bytes]) -> None:
+        self.ledger = ledger
+        self.round_num = ledger.round_num
         self.message = message
         self.payload = payload
-        self.pending: deque[str] = deque(dict.fromkeys(client_ids))
-        self.deaths: dict[str, int] = {}
-        self.outcomes: dict[str, Outcome] = {}
+        self.clients = clients  # client id -> its envelope
         self.trained, self.training_time = 0, 0.0  # clients answered, their summed seconds
 
     def straggling(self, seconds: float) -> bool:
@@ -263,28 +134,21 @@ class _Round:
         mean = self.training_time / self.trained if self.trained else 0.0
         return seconds > max(STRAGGLER_SECONDS, 3 * mean)
 
-    @property
-    def done(self) -> bool:
-        return len(self.outcomes) == len(set(self.client_ids))
 
-
-class ParallelRuntime:
+class ParallelRuntime(Runtime):
     """Trains sampled clients in parallel in ``runtime.workers`` worker processes.
 
     Args:
         cfg: the experiment's config; workers rebuild everything from it.
-        worker: the driver's own ``ClientWorker`` (kept for reference, not used to train).
 
     YAML:
         runtime: {mode: parallel, workers: 4, threads: 1}
     """
 
-    def __init__(self, cfg: ExperimentConfig, worker: ClientWorker) -> None:
+    def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self.worker = worker
         self.num_workers = cfg.runtime.workers or os.cpu_count() or 1
-        self.strict = cfg.strict
-        self.trainer: Any = None
+        self.spec = RunSpec(client_ids=(), num_sampled=self.num_workers)
         self._ctx = mp.get_context("spawn")
         self._init = encode_json({"op": "init", "config": cfg.model_dump(mode="json"),
                                   "threads": cfg.runtime.threads or 1})
@@ -297,18 +161,16 @@ class ParallelRuntime:
     @property
     def pids(self) -> list[int]:
         """The process ids of the current worker processes."""
-        return [p.process.pid for p in self._procs]
+        return [p.pid for p in self._procs]
 
-    async def start(self, trainer: Any) -> None:
+    async def start(self, spec: RunSpec) -> None:
         """Start the worker processes and wait until each has built its ``ClientWorker``.
 
         Raises:
             WorkerError: when a worker fails to start (its error is in the message).
         """
-        self.trainer = trainer
-        warn_driver_only_hooks(self.cfg, trainer, "parallel")
-        sampled = getattr(trainer, "num_sampled", self.num_workers)
-        count = max(1, min(self.num_workers, sampled))
+        self.spec = spec
+        count = max(1, min(self.num_workers, spec.num_sampled))
         try:
             await asyncio.to_thread(self._start, count)
         except BaseException:
@@ -319,19 +181,15 @@ class ParallelRuntime:
         self._driver_threads = torch.get_num_threads()
         torch.set_num_threads(max(self._driver_threads, min(count, os.cpu_count() or 1)))
 
-    async def train(
-        self, round_num: int, client_ids: list[str], weights: Weights, config: dict[str, Any]
-    ) -> list[Outcome]:
-        """Train ``client_ids`` from ``weights``; outcomes in the order of ``client_ids``."""
-        try:
-            message = encode_json({"op": "round", "round": round_num, "config": config})
-        except (TypeError, ValueError) as exc:
-            raise WorkerError(f"trainer.fit_config must hold JSON values to reach worker "
-                              f"processes: {exc}") from exc
-        work = _Round(round_num, list(client_ids), message, encode_weights(weights))
+    async def train(self, task: RoundTask, clients: Sequence[ClientTask],
+                    deadline: float | None) -> list[Outcome]:
+        ledger = RoundLedger(task.round_num, [c.client_id for c in clients], deadline,
+                             round_timeout=self.spec.round_timeout, strict=self.spec.strict)
+        work = _Round(ledger, encode_json({"op": "round", "round": task.round_num}),
+                      encode_round(task), {c.client_id: encode_client(c) for c in clients})
         return await asyncio.to_thread(self._train, work)
 
-    async def close(self) -> None:
+    async def close(self, end: RunEnd | None = None) -> None:
         """Stop the workers (killing those that do not exit within ``STOP_GRACE`` seconds)."""
         self._stop.set()
         if self._driver_threads:
@@ -360,39 +218,40 @@ class ParallelRuntime:
                     ", ".join(map(str, self.pids)))
 
     def _train(self, work: _Round) -> list[Outcome]:
+        ledger = work.ledger
         with self._busy:
-            timeout = getattr(self.trainer, "round_timeout", None)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not work.done:
+            while not ledger.done:
                 if self._stop.is_set():
                     raise WorkerError("the parallel runtime was closed during a round")
                 self._dispatch(work)
-                if work.done:
+                if ledger.done:
                     break
-                remaining = POLL if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    self._expire(work, timeout)
+                remaining = ledger.remaining()
+                if remaining == 0.0:
+                    self._expire(work)
                     break
-                self._poll(work, min(POLL, remaining))
-            return [work.outcomes[cid] for cid in work.client_ids]
+                self._poll(work, POLL if remaining is None else min(POLL, remaining))
+            return ledger.results()
 
     def _dispatch(self, work: _Round) -> None:
         """Top up every ready worker's queue, a level at a time (the first clients spread)."""
+        ledger = work.ledger
         for depth in range(1, QUEUE_DEPTH + 1):
             for proc in list(self._procs):
-                if not work.pending:
+                if not ledger.pending:
                     self._rebalance(work)
                     return
                 if proc.state != "ready" or len(proc.clients) >= depth:
                     continue
-                cid = work.pending.popleft()
+                cid = ledger.take()
+                assert cid is not None
                 try:
                     if proc.round != work.round_num:
                         proc.send(work.message, work.payload)
                         proc.round = work.round_num
-                    proc.send(encode_json({"op": "train", "client_id": cid}))
+                    proc.send(encode_json({"op": "train", "client_id": cid}), work.clients[cid])
                 except OSError:
-                    work.pending.appendleft(cid)  # it never started training: not a try
+                    ledger.give_back(cid)  # it never started training: not a try
                     self._died(proc, work)
                     continue
                 if not proc.clients:
@@ -405,7 +264,7 @@ class ParallelRuntime:
         any busy worker: that client may be starting, and would then train twice.)"""
         now = time.monotonic()
         for proc in list(self._procs):
-            if work.pending or proc.state != "ready" or proc.clients:
+            if work.ledger.pending or proc.state != "ready" or proc.clients:
                 continue
             victim = max((p for p in self._procs
                           if len(p.clients) > 1 and work.straggling(now - p.since)),
@@ -417,7 +276,7 @@ class ParallelRuntime:
             with contextlib.suppress(OSError):  # a dead victim is noticed by the next poll
                 victim.send(encode_json({"op": "revoke", "client_id": cid,
                                          "round": work.round_num}))
-            work.pending.append(cid)
+            work.ledger.give_back(cid)
             self._dispatch(work)
 
     def _poll(self, work: _Round | None, timeout: float) -> None:
@@ -430,7 +289,7 @@ class ParallelRuntime:
         for proc in dict.fromkeys(owners[obj] for obj in ready):
             try:
                 while proc.conn.poll():
-                    header, payload = _recv(proc.conn)
+                    header, payload = receive(proc.conn)
                     self._handle(proc, header, payload, work)
             except (EOFError, OSError, WireError):
                 self._died(proc, work)
@@ -447,42 +306,25 @@ class ParallelRuntime:
         if op == "fatal":
             detail = header.get("traceback") or ""
             raise WorkerError(f"a worker process failed to start: {header.get('error')}\n{detail}")
-        if header.get("client_id") in proc.revoked:  # skipped, or trained before the revoke
-            cid = header["client_id"]
+        cid = header.get("client_id")
+        if cid in proc.revoked:  # skipped, or trained before the revoke: counts if awaited
             proc.revoked.discard(cid)
-            if (op != "update" or work is None or header.get("round") != work.round_num
-                    or cid in work.outcomes):
-                return
-        else:
-            cid = proc.clients.popleft() if proc.clients else None
+        elif proc.clients:
+            cid = proc.clients.popleft()
             now = time.monotonic()
             if work is not None:
                 work.trained += 1
                 work.training_time += now - proc.since
             proc.since = now
-        if cid is None or work is None:
+        if not isinstance(cid, str) or work is None or header.get("round") != work.round_num:
             logger.warning("%s sent an unexpected %r message; ignored", proc.name, op)
             return
-        if cid in work.outcomes:
-            return  # the other worker's copy of a revoked client came first: the same result
         if op == "update":
-            try:
-                outcome: Outcome = update_from_wire(header, payload)
-            except WireError as exc:
-                outcome = ClientFailure(cid, f"malformed update: {exc}")
-            if outcome.client_id != cid:
-                outcome = ClientFailure(cid, f"the worker answered for {outcome.client_id!r}")
+            work.ledger.answered(cid, payload)
         elif op == "error":
-            error = str(header.get("error"))
-            if self.strict:
-                raise WorkerError(f"round {work.round_num}: training {cid} failed in a worker "
-                                  f"process (strict mode): {error}\n{header.get('traceback', '')}")
-            logger.warning("round %d: training %s failed in %s: %s\n%s", work.round_num, cid,
-                           proc.name, error, header.get("traceback", ""))
-            outcome = ClientFailure(cid, error)
-        else:
-            outcome = ClientFailure(cid, f"unexpected message {op!r} from the worker")
-        work.outcomes[cid] = outcome
+            work.ledger.raised(cid, str(header.get("traceback", "")))
+        elif op != "skipped":
+            work.ledger.failed(cid, f"unexpected message {op!r} from the worker", "malformed")
 
     def _died(self, proc: _Process, work: _Round | None) -> None:
         """``proc`` is gone: replace it, and retry (or fail) the client it was training."""
@@ -493,43 +335,29 @@ class ParallelRuntime:
         proc.kill()
         if proc.state == "starting":
             raise WorkerError(
-                f"worker process {proc.name} (pid {proc.process.pid}) ended ({how}) before it "
+                f"worker process {proc.name} (pid {proc.pid}) ended ({how}) before it "
                 "was ready; its output is above. A script that runs the parallel runtime must "
                 "guard its entry point with `if __name__ == \"__main__\":` (worker processes "
                 "import the main module)")
         self._spawn()
         if not proc.clients or work is None:
             logger.warning("worker process %s (pid %s) ended (%s) while idle; replaced",
-                           proc.name, proc.process.pid, how)
+                           proc.name, proc.pid, how)
             return
         cid, *queued = proc.clients
-        work.pending.extendleft(reversed(queued))  # they never started training: not a try
-        work.deaths[cid] = deaths = work.deaths.get(cid, 0) + 1
-        if deaths >= ATTEMPTS:
-            error = (f"the worker process training it ended ({how}) {deaths} times "
-                     f"(pid {proc.process.pid} the last time)")
-            work.outcomes[cid] = ClientFailure(cid, error)
-            return
-        logger.warning("round %d: worker process %s (pid %s) ended (%s) while training %s; "
-                       "replaced, %s is retried", work.round_num, proc.name, proc.process.pid,
-                       how, cid, cid)
-        work.pending.appendleft(cid)
+        for queued_cid in reversed(queued):  # they never started training: not a try
+            work.ledger.give_back(queued_cid)
+        work.ledger.died(cid, f"{how}, pid {proc.pid}")
 
-    def _expire(self, work: _Round, timeout: float | None) -> None:
+    def _expire(self, work: _Round) -> None:
         """The round deadline passed: clients without an update fail; busy workers are killed
         (their training may never end) and replaced."""
+        work.ledger.expire()
         for proc in list(self._procs):
             if proc.clients:
-                training = proc.clients.popleft()
-                work.outcomes[training] = ClientFailure(
-                    training, f"no update within round_timeout={timeout:g}s")
-                work.pending.extendleft(reversed(proc.clients))
                 self._procs.remove(proc)
                 proc.kill()
                 self._spawn()
-        for cid in work.pending:
-            work.outcomes[cid] = ClientFailure(cid, f"not trained within round_timeout={timeout:g}s")
-        work.pending.clear()
 
     def _close(self) -> None:
         # a round cancelled mid-way (Ctrl-C) ends within POLL seconds of the stop request
