@@ -23,7 +23,9 @@ process started it. Columns, in seconds:
 * ``steady``: the median duration of rounds 3 and later (of round 2 when there are 2 rounds);
 * ``r1/steady``: how much longer the first round takes than a steady one;
 * ``returned``: process start -> ``oiafed.run`` returned (workers stopped, run folder written);
-* ``total``: process start -> exit (interpreter shut down).
+* ``total``: process start -> exit (interpreter shut down);
+* ``cpu``: CPU seconds (user + system) of the whole process tree: what the run costs however
+  busy the machine is.
 
 With ``--reps N`` every mode runs N times (interleaved) and each column is the median; a
 warm-up run of each mode first (``--warmup``) fills the file cache. Children get
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,7 +90,7 @@ if __name__ == "__main__":
         json.dump({**stamps.marks, "starts": stamps.starts, "ends": stamps.ends}, f)
 """
 
-COLUMNS = ("import", "run()", "ready", "r1 start", "r1", "r2", "steady", "r1/steady", "returned", "total")
+COLUMNS = ("import", "run()", "ready", "r1 start", "r1", "r2", "steady", "r1/steady", "returned", "total", "cpu")
 
 
 def mode_overrides(mode: str, num_clients: int) -> list[str]:
@@ -99,15 +102,24 @@ def mode_overrides(mode: str, num_clients: int) -> list[str]:
     return ["runtime.mode=serial"]
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes waited for, grandchildren
+    (workers, gRPC clients) included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_child(config: Path, overrides: list[str], env: dict[str, str]) -> dict[str, float]:
     """One fresh process running ``config``; its columns (seconds)."""
     with tempfile.TemporaryDirectory(prefix="oiafed-startup-") as tmp:
         out = Path(tmp) / "stamps.json"
         args = [*overrides, f"output_dir={tmp}/runs"]
+        cpu_before = _children_cpu()
         launched = time.monotonic()
         done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(config), json.dumps(args)],
                               env=env, cwd=tmp, capture_output=True, text=True)
         total = time.monotonic() - launched
+        cpu = _children_cpu() - cpu_before
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"child failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         marks: dict[str, Any] = json.loads(out.read_text())
@@ -125,6 +137,7 @@ def run_child(config: Path, overrides: list[str], env: dict[str, str]) -> dict[s
         "r1/steady": rounds[0] / steady,
         "returned": marks["returned"] - launched,
         "total": total,
+        "cpu": cpu,
     }
 
 

@@ -35,8 +35,16 @@ FAILING_MODULE = """
 
     @register("callback.explode_test")
     class Explode(Callback):
+        def __init__(self, at=1):
+            self.at = at
+
         async def on_round_end(self, trainer, round_num, result, **kwargs):
-            raise RuntimeError(f"boom in round {round_num}")
+            if round_num >= self.at:
+                raise RuntimeError(f"boom in round {round_num}")
+
+        async def on_exception(self, trainer, exception, **kwargs):
+            with open("on_exception.txt", "a") as f:
+                f.write(f"{type(exception).__name__} {trainer.round_num}\\n")
 """
 
 
@@ -93,6 +101,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "cli_broken_module.py").write_text("def broken(:\n", encoding="utf-8")
     write_yaml(folder / "failing.yaml", {**TINY, "strict": True, "imports": ["cli_failing_callbacks"],
                                          "callbacks": [{"type": "explode_test"}]})
+    write_yaml(folder / "failing_late.yaml",
+               {**TINY, "strict": True, "imports": ["cli_failing_callbacks"],
+                "trainer": {"args": {"rounds": 3}},
+                "callbacks": [{"type": "explode_test", "args": {"at": 2}}]})
+    write_yaml(folder / "long.yaml", {**TINY, "trainer": {"args": {"rounds": 100000}}})
     (folder / "cli_failing_callbacks.py").write_text(textwrap.dedent(FAILING_MODULE), encoding="utf-8")
     used = folder / "runs/used"  # an earlier run's folder
     used.mkdir(parents=True)
@@ -114,6 +127,7 @@ COMMANDS = {
     # Options first, the override after them; --quiet prints nothing.
     "run_quiet": ["run", "tiny.yaml", "--quiet", "--run-dir", "runs/quiet", "trainer.args.rounds=3"],
     "run_failing": ["run", "failing.yaml", "--run-dir", "runs/failing"],
+    "run_failing_late": ["run", "failing_late.yaml", "--run-dir", "runs/failing_late"],
     "run_used_dir": ["run", "tiny.yaml", "--run-dir", "runs/used"],
     "run_unknown_type": ["run", "unknown_type.yaml", "--run-dir", "runs/unknown_type"],
     "run_bad_override": ["run", "tiny.yaml", "trainer.args.rounds", "--run-dir", "runs/bad_override"],
@@ -203,6 +217,44 @@ def test_failure_at_run_time_exits_1(outcomes: dict[str, Outcome]) -> None:
     assert "explode_test.on_round_end" in outcome.stderr
     assert "boom in round 1" in outcome.stderr
     assert "error:" not in outcome.stderr  # not reported as bad input
+
+
+def test_a_failed_run_tells_its_callbacks_keeps_its_last_round_and_says_how_to_resume(
+        workdir: Path, outcomes: dict[str, Outcome]) -> None:
+    outcome = outcomes["run_failing_late"]
+    assert outcome.returncode == 1, outcome
+    assert "boom in round 2" in outcome.stderr
+    assert "--resume" in outcome.stderr and "runs/failing_late" in outcome.stderr
+    assert "CallbackError 2" in (workdir / "on_exception.txt").read_text()
+    folder = workdir / "runs/failing_late"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stop_reason"].startswith("failed: CallbackError")
+    assert summary["rounds_completed"] == 1
+    from oiafed.state import load_state
+
+    assert load_state(folder)["trainer"]["round_num"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_serial_run_within_a_round_and_exits_130(workdir: Path) -> None:
+    import signal
+    import time
+
+    args, proc = start(workdir, "run", "long.yaml", "--run-dir", "runs/long", "-q")
+    metrics = workdir / "runs/long/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, finish((args, proc))
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    outcome = finish((args, proc))
+    assert time.monotonic() - sent < 10, "one Ctrl-C stops the run within a round or so"
+    assert outcome.returncode == 130, outcome
+    assert "interrupted" in outcome.stderr and "--resume" in outcome.stderr
+    summary = json.loads((workdir / "runs/long/summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted"
+    assert summary["rounds_completed"] < 1000
 
 
 @pytest.mark.parametrize(("name", "message"), [

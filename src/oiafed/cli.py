@@ -16,9 +16,8 @@ from rich.logging import RichHandler
 from oiafed import registry
 from oiafed.callbacks.progress import ProgressCallback, format_metrics
 from oiafed.config import load_config
-from oiafed.core.trainer import RoundFailed
 from oiafed.core.types import TrainResult
-from oiafed.exceptions import InputError
+from oiafed.exceptions import InputError, OiafedError, exit_code
 from oiafed.run import run, validate
 
 logger = logging.getLogger("oiafed")
@@ -200,20 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "server": _server, "client": _client}
     try:
         code = handlers[args.command](args, Console())
-    except InputError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        return 130
-    except RoundFailed as exc:  # an expected way for a deployment to end: no traceback
-        console.print(f"[red]failed:[/red] RoundFailed: {exc}", highlight=False, soft_wrap=True)
-        return 1
-    except Exception as exc:
-        logger.exception("oiafed %s failed", args.command)
-        console.print(f"[red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
-        return 1
+    except BaseException as exc:  # every way out is mapped by exceptions.exit_code
+        if not isinstance(exc, Exception | KeyboardInterrupt):
+            raise
+        _explain(exc, args.command, console)
+        return exit_code(exc)
     return code or 0
+
+
+def _explain(exc: BaseException, command: str, console: Console) -> None:
+    """One line saying why ``command`` ended (a traceback only for an unexpected error)."""
+    if isinstance(exc, KeyboardInterrupt):
+        console.print("[red]interrupted[/red]")
+    elif isinstance(exc, InputError):
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    else:
+        if not isinstance(exc, OiafedError):
+            logger.error("oiafed %s failed", command, exc_info=exc)
+        console.print(f"[red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False,
+                      soft_wrap=True)
 
 
 if __name__ == "__main__":

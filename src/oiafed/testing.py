@@ -1,11 +1,12 @@
 """Tiny fakes to unit-test callbacks without a federated run.
 
 A callback only sees the objects its hooks receive, so a test can build those objects by
-hand, call the hooks and check what the callback did. ``FakeTrainer`` has every attribute a
-real ``Trainer`` offers callbacks; ``make_round_result`` builds a ``RoundResult`` with the
-metrics you choose; ``FakeLearner`` stands in for the learner in epoch hooks; and
-``run_rounds`` drives callbacks through a whole training run (through the real
-``CallbackManager``, so ``stopped_by`` and error handling behave as in ``oiafed.run``).
+hand, call the hooks and check what the callback did. ``FakeTrainer`` is a real ``Trainer``
+on a tiny model whose rounds are scripted (no data, no training); ``make_round_result``
+builds a ``RoundResult`` with the metrics you choose; ``FakeLearner`` stands in for the
+learner in epoch hooks; and ``run_rounds`` drives callbacks through a whole run of the real
+round loop (``Trainer.fit``: hook order, ``stopped_by``, error handling and ``on_exception``
+behave as in ``oiafed.run``) whose rounds have the metrics you give.
 
 Example:
     >>> import asyncio
@@ -24,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,19 @@ import torch
 from torch import nn
 
 from oiafed.callbacks.base import CallbackManager
-from oiafed.core.types import ClientUpdate, RoundResult, TrainResult
+from oiafed.core.aggregators import Aggregator
+from oiafed.core.learner import Learner
+from oiafed.core.trainer import Trainer
+from oiafed.core.types import (
+    ClientTask,
+    ClientUpdate,
+    Outcome,
+    RoundResult,
+    RoundTask,
+    TrainResult,
+    Weights,
+)
+from oiafed.runtime.base import Runtime
 
 __all__ = [
     "FakeLearner",
@@ -52,10 +67,31 @@ def tiny_model(in_features: int = 4, num_classes: int = 3, seed: int = 0) -> nn.
         return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
 
 
-class FakeTrainer:
-    """Stands in for ``oiafed.Trainer`` in callback hooks: plain attributes, no training.
+class ScriptedRuntime(Runtime):
+    """Every sampled client answers at once with the global weights unchanged."""
 
-    Attributes (as on the real trainer):
+    async def train(self, task: RoundTask, clients: Sequence[ClientTask],
+                    deadline: float | None) -> list[Outcome]:
+        return [ClientUpdate(c.client_id, 1, {}, {k: v.clone() for k, v in task.weights.items()})
+                for c in clients]
+
+
+class ScriptedTraining(Aggregator):
+    """Runs ``train(trainer, round_num)`` on the global model as the round's "aggregation"."""
+
+    def __init__(self, trainer: FakeTrainer, train: Callable[[FakeTrainer, int], None]) -> None:
+        self.trainer = trainer
+        self.train = train
+
+    def aggregate(self, updates: list[ClientUpdate], global_weights: Weights) -> Weights:
+        self.train(self.trainer, self.trainer.round_num)
+        return {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+
+
+class FakeTrainer(Trainer):
+    """A real ``Trainer`` for callback tests: a tiny model, no data, scripted rounds.
+
+    Attributes (those of the real trainer):
         model: the global model (``tiny_model()`` by default).
         round_num: the current round (0 before the first).
         rounds: the number of rounds planned.
@@ -66,6 +102,10 @@ class FakeTrainer:
         history: one metrics dict (with ``round``) per finished round.
         client_selection_weights: what a callback asked for the next selection.
         eval_every, config: as on the real trainer.
+
+    Its rounds (``run_rounds``) train nothing: each sampled client answers with the global
+    weights, the "aggregation" runs ``fake_train`` (or the ``train`` given to ``run_rounds``),
+    and the round's metrics are the next ones of ``script``.
     """
 
     def __init__(
@@ -79,19 +119,14 @@ class FakeTrainer:
         fit_config: dict[str, Any] | None = None,
         eval_every: int = 1,
     ) -> None:
-        self.model = model if model is not None else tiny_model()
-        self.round_num = 0
-        self.rounds = rounds
-        self.should_stop = False
-        self.stop_reason: str | None = None
-        self.stopped_by: str | None = None
-        self.fit_config: dict[str, Any] = dict(fit_config) if fit_config is not None else {"lr": lr}
+        super().__init__(rounds=rounds, eval_every=eval_every)
+        self.bind(model=model if model is not None else tiny_model(),
+                  aggregator=ScriptedTraining(self, FakeTrainer.fake_train),
+                  runtime=ScriptedRuntime(), callbacks=CallbackManager(), test_data=None,
+                  client_ids=[f"client_{i}" for i in range(num_clients)], seed=0)
+        self.fit_config = dict(fit_config) if fit_config is not None else {"lr": lr}
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.client_ids = [f"client_{i}" for i in range(num_clients)]
-        self.history: list[dict[str, Any]] = []
-        self.client_selection_weights: dict[str, float] | None = None
-        self.eval_every = eval_every
-        self.config: Any = None
+        self.script: deque[Mapping[str, Any]] = deque()
 
     def fake_train(self, round_num: int) -> None:
         """Pretend a round trained the model: every parameter becomes ``float(round_num)``.
@@ -102,6 +137,11 @@ class FakeTrainer:
         with torch.no_grad():
             for param in self.model.parameters():
                 param.fill_(float(round_num))
+
+    def round_metrics(self, round_num: int, updates: list[ClientUpdate],
+                      started: float) -> dict[str, float]:
+        """The next scripted metrics, as given."""
+        return dict(self.script.popleft())
 
 
 def make_update(
@@ -131,8 +171,8 @@ def make_round_result(
     return RoundResult(round_num, {**(metrics or {}), **metric_values}, list(updates or []))
 
 
-class FakeLearner:
-    """Stands in for ``oiafed.Learner`` in epoch hooks.
+class FakeLearner(Learner):
+    """A ``Learner`` for epoch hooks, with an SGD optimizer over its model and nothing to train.
 
     Attributes:
         model: the local model; optimizer: an SGD optimizer over it with ``lr``;
@@ -149,13 +189,11 @@ class FakeLearner:
         lr: float = 0.1,
         batch_size: int = 32,
     ) -> None:
-        self.model = model if model is not None else tiny_model()
+        super().__init__(epochs=epochs, batch_size=batch_size, lr=lr)
+        self.setup(model if model is not None else tiny_model(), CallbackManager())
         self.client_id = client_id
         self.round_num = round_num
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+        self.optimizer = self.make_optimizer(lr)
 
 
 async def arun_rounds(
@@ -169,12 +207,14 @@ async def arun_rounds(
 ) -> TrainResult:
     """Drive ``callbacks`` through a run whose rounds have the metrics given, in order.
 
-    Per round: ``on_round_start``, ``train(trainer, round_num)`` (default
-    ``trainer.fake_train``), ``on_round_end`` with a ``RoundResult`` of that round's metrics
-    (callbacks may add to them), then the row goes into ``trainer.history``; training stops
-    early when a callback sets ``should_stop``. ``on_train_start`` and ``on_train_end`` wrap
-    it all. Rounds continue from ``trainer.round_num`` (or ``start_round - 1``), which is how
-    a resumed run is modelled. ``strict`` (default) lets a callback's error propagate.
+    The real round loop runs (``Trainer.fit`` of a ``FakeTrainer``): ``on_train_start``, then
+    per round ``on_round_start``, ``on_aggregate_start``, ``train(trainer, round_num)``
+    (default ``trainer.fake_train``), ``on_aggregate_end``, ``on_round_end`` with a
+    ``RoundResult`` of that round's metrics (callbacks may add to them; the row goes into
+    ``trainer.history``), and ``on_train_end``; training stops early when a callback sets
+    ``should_stop``. Rounds continue from ``trainer.round_num`` (or ``start_round - 1``),
+    which is how a resumed run is modelled. ``strict`` (default) lets a callback's error
+    propagate.
 
     Returns:
         The ``TrainResult`` (``weights``: the model's final weights), as ``on_train_end`` left it.
@@ -183,34 +223,12 @@ async def arun_rounds(
     if start_round is not None:
         trainer.round_num = start_round - 1
     plan = list(round_metrics)
-    manager = CallbackManager(list(callbacks), strict=strict)
-    train = train or (lambda t, r: t.fake_train(r))
-    await manager.on_train_start(trainer)
-    for metrics in plan:
-        if trainer.should_stop:
-            break
-        round_num = trainer.round_num + 1
-        trainer.round_num = round_num
-        await manager.on_round_start(trainer, round_num)
-        train(trainer, round_num)
-        result = make_round_result(round_num, metrics)
-        await manager.on_round_end(trainer, round_num, result)
-        trainer.history.append({"round": round_num, **result.metrics})
-    if trainer.should_stop:
-        reason = trainer.stop_reason or f"should_stop set by {trainer.stopped_by or 'user code'}"
-    else:
-        reason = "completed"
-    result = TrainResult(
-        rounds_completed=trainer.round_num,
-        history=trainer.history,
-        stop_reason=reason,
-        stopped_by=trainer.stopped_by if trainer.should_stop else None,
-        callback_errors=[e.to_dict() for e in manager.errors],
-        weights={k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-        run_dir=trainer.run_dir,
-    )
-    await manager.on_train_end(trainer, result)
-    result.callback_errors = [e.to_dict() for e in manager.errors]
+    trainer.callbacks = CallbackManager(list(callbacks), strict=strict)
+    trainer.aggregator = ScriptedTraining(trainer, train or FakeTrainer.fake_train)
+    trainer.script = deque(plan)
+    result = await trainer.fit(until=trainer.round_num + len(plan))
+    result.weights = {k: v.detach().clone() for k, v in result.weights.items()}
+    result.run_dir = trainer.run_dir
     return result
 
 
@@ -220,7 +238,5 @@ def run_rounds(
     **kwargs: Any,
 ) -> TrainResult:
     """``arun_rounds`` for synchronous code (tests): runs it with ``asyncio.run``."""
-    import asyncio
-
     return asyncio.run(arun_rounds(callbacks, round_metrics, **kwargs))
 

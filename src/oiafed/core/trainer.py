@@ -271,8 +271,7 @@ class Trainer:
         weights = aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
         load_weights(self.model, weights)
-        metrics = self.round_metrics(round_num, updates)
-        metrics["round_time"] = time.perf_counter() - started
+        metrics = self.round_metrics(round_num, updates, started)
         result = RoundResult(round_num, metrics, updates)
         await self.callbacks.on_round_end(self, round_num, result)
         row = {"round": round_num, **result.metrics}
@@ -282,13 +281,16 @@ class Trainer:
             self.recorder.record_round(self, row)
         return result
 
-    def round_metrics(self, round_num: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        """The round's metrics before ``round_time``: the clients' sample-weighted training
-        metrics, and the global model's on the test set on evaluated rounds."""
+    def round_metrics(self, round_num: int, updates: list[ClientUpdate],
+                      started: float) -> dict[str, float]:
+        """The round's metrics: the clients' sample-weighted training metrics, the global
+        model's on the test set on evaluated rounds, and ``round_time`` (since ``started``,
+        a ``time.perf_counter()``)."""
         metrics = self.train_metrics(updates)
         if self.test_data is not None and (round_num % self.eval_every == 0
                                            or round_num == self.rounds):
             metrics.update(evaluate(self.model, self.test_data))
+        metrics["round_time"] = time.perf_counter() - started
         return metrics
 
     async def accept(self, round_num: int, outcomes: Sequence[Outcome],
