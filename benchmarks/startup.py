@@ -90,7 +90,8 @@ if __name__ == "__main__":
         json.dump({**stamps.marks, "starts": stamps.starts, "ends": stamps.ends}, f)
 """
 
-COLUMNS = ("import", "run()", "ready", "r1 start", "r1", "r2", "steady", "r1/steady", "returned", "total", "cpu")
+COLUMNS = ("import", "run()", "ready", "r1 start", "r1", "r2", "steady", "r1/steady", "returned",
+           "total", "cpu")
 
 
 def mode_overrides(mode: str, num_clients: int) -> list[str]:

@@ -197,7 +197,7 @@ class CallbackManager:
             except Exception as exc:
                 self._record(label, hook, exc, owner)
             if not was_stopping and getattr(owner, "should_stop", False):
-                owner.stopped_by = label
+                owner.stopped_by = label  # type: ignore[union-attr]  # owner has should_stop
 
     def _record(self, label: str, hook: str, exc: Exception, owner: Any) -> None:
         round_num = getattr(owner, "round_num", None)

@@ -101,9 +101,14 @@ class Learner:
         self.model = model
         self.callbacks = callbacks
 
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("Learner.setup() must be called before training")
+        return self.model
+
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """A fresh optimizer over ``self.model`` (optimizer state is per client and round)."""
-        params = self.model.parameters()
+        params = self._require_model().parameters()
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=self.momentum,
                                    weight_decay=self.weight_decay)
@@ -150,14 +155,16 @@ class Learner:
             metrics = self.train_epoch(data, generator)
             if hooks.implements("on_epoch_end"):
                 await hooks.on_epoch_end(self, epoch, metrics)
-        if store is not None:
+        if store is not None and self.client_state is not None:
             store.put(client_id, self.client_state)
         new_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return ClientUpdate(client_id, len(data), dict(metrics), new_weights)
 
     def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
         """One pass over ``data`` in shuffled minibatches; mean loss and accuracy."""
-        model, optimizer, size = self.model, self.optimizer, self.batch_size
+        model, optimizer, size = self._require_model(), self.optimizer, self.batch_size
+        if optimizer is None:
+            raise RuntimeError("train_epoch() runs inside fit(), which makes the optimizer")
         model.train()
         n = len(data)
         if n == 0:

@@ -377,9 +377,10 @@ class Trainer:
         total = sum(u.num_samples for u in updates)
         metrics: dict[str, float] = {"num_clients": len(updates), "num_samples": total}
         for name in ("accuracy", "loss"):
-            weighted = [(u.metrics.get(name), u.num_samples) for u in updates if u.num_samples]
+            weighted = [(u.metrics.get(name, math.nan), u.num_samples)
+                        for u in updates if u.num_samples]
             metrics[f"train_{name}"] = (
-                sum(float(v) * n for v, n in weighted) / total if total else float("nan")
+                sum(float(v) * n for v, n in weighted) / total if total else math.nan
             )
         return metrics
 

@@ -69,7 +69,7 @@ def encode_chunks(weights: Weights, size: int = CHUNK_SIZE,
         header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + length]}
         if length:
-            segments.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            segments.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data))
         offset += length
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes

@@ -32,7 +32,7 @@ from oiafed.runtime.envelope import decode_client, decode_round, encode_update
 from oiafed.seeding import INIT, derive_seed
 
 
-def build_model(cfg: ExperimentConfig, data: FederatedSource) -> nn.Module:
+def build_model(cfg: ExperimentConfig, data: FederatedSource | ArrayDataset) -> nn.Module:
     """The configured model, initialised from the seed (without touching the global RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, INIT))

@@ -44,7 +44,7 @@ REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_")
 
 
-Execute = Callable[[bytes, bytes], TaskReply]
+Execute = Callable[[bytes | bytearray, bytes | bytearray], TaskReply]
 """The worker's entry point: the round's and the client's envelope bytes in, a reply out."""
 
 

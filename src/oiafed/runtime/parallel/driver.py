@@ -161,7 +161,7 @@ class ParallelRuntime(Runtime):
     @property
     def pids(self) -> list[int]:
         """The process ids of the current worker processes."""
-        return [p.pid for p in self._procs]
+        return [p.pid for p in self._procs if p.pid is not None]
 
     async def start(self, spec: RunSpec) -> None:
         """Start the worker processes and wait until each has built its ``ClientWorker``.
