@@ -9,9 +9,9 @@ import struct
 
 import pytest
 import torch
-from oiafed.runtime.tensors import Assembler, decode_buffer, encode_chunks
 
 from oiafed.runtime.codec import WireError, decode_weights, encode_weights
+from oiafed.runtime.tensors import Assembler, decode_buffer, encode_chunks
 
 WEIGHTS = {
     "layer.weight": torch.randn(7, 5, generator=torch.Generator().manual_seed(1)),
