@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -51,49 +50,36 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
-class _Trainer:
-    """What a ``GrpcRuntime`` reads from its trainer, for a server without one."""
-
-    def __init__(self, clients: int = 1) -> None:
-        from oiafed import CallbackManager
-
-        self.client_ids = [f"client_{i}" for i in range(clients)]
-        self.callbacks = CallbackManager()
-        self.min_clients, self.round_timeout = 1, None
-        self.config, self.run_dir = None, None
-        self.history: list[dict[str, Any]] = []
-        self.round_num, self.rounds, self.should_stop = 0, 1, False
-
-
-class _Seeds:
-    def client_seed(self, client_id: str, round_num: int) -> int:
-        return round_num
-
-
 def echo_client(port: int, client_id: str) -> None:
     """An echo client process: returns every task's weights unchanged."""
     from oiafed import ClientUpdate
+    from oiafed.runtime.envelope import decode_round, encode_update
     from oiafed.runtime.grpc import ClientSecurity
     from oiafed.runtime.grpc.client import FederationClient
+    from oiafed.runtime.worker import TaskReply
 
-    def train(task: Any) -> ClientUpdate:
-        return ClientUpdate(client_id, 1, {"accuracy": 0.0, "loss": 0.0}, task.weights)
+    def execute(round_data: bytes | bytearray, client_data: bytes | bytearray) -> TaskReply:
+        weights = decode_round(round_data).weights
+        return TaskReply(encode_update(ClientUpdate(client_id, 1, {"accuracy": 0.0, "loss": 0.0},
+                                                    weights)))
 
-    FederationClient(f"127.0.0.1:{port}", client_id, train,
+    FederationClient(f"127.0.0.1:{port}", client_id, execute,
                      ClientSecurity(os.environ["OIAFED_TOKEN"])).run()
 
 
 async def _round_trips(weights: dict[str, torch.Tensor], clients: int, reps: int) -> list[float]:
     """Seconds per ``runtime.train`` of ``weights`` to ``clients`` echo client processes."""
+    from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
+    from oiafed.runtime.base import RunEnd, RunSpec
     from oiafed.runtime.grpc import GrpcRuntime, ServerSecurity
 
     token = secrets.token_urlsafe(16)
-    trainer = _Trainer(clients)
-    runtime = GrpcRuntime(_Seeds(), "127.0.0.1:0", ServerSecurity(token), min_join=0)
-    await runtime.start(trainer)
+    client_ids = [f"client_{i}" for i in range(clients)]
+    runtime = GrpcRuntime("127.0.0.1:0", ServerSecurity(token), min_join=0)
+    await runtime.start(RunSpec(client_ids=client_ids, num_sampled=clients))
     processes = [subprocess.Popen([sys.executable, __file__, "--echo-client", str(runtime.port), cid],
                                   env={**os.environ, "OIAFED_TOKEN": token})
-                 for cid in trainer.client_ids]
+                 for cid in client_ids]
     try:
         deadline = time.monotonic() + 300
         while len(runtime.sessions) < clients:
@@ -103,16 +89,18 @@ async def _round_trips(weights: dict[str, torch.Tensor], clients: int, reps: int
         times = []
         for rep in range(reps + 2):  # two warm-ups
             started = time.perf_counter()
-            outcomes = await runtime.train(rep + 1, trainer.client_ids, weights, {"lr": 0.05})
+            outcomes = await runtime.train(RoundTask(rep + 1, weights, {"lr": 0.05}),
+                                           [ClientTask(cid, rep) for cid in client_ids], None)
             elapsed = time.perf_counter() - started
             for update in outcomes:
-                if not all(torch.equal(update.weights[k], v) for k, v in weights.items()):
+                if not isinstance(update, ClientUpdate) or not all(
+                        torch.equal(update.weights[k], v) for k, v in weights.items()):
                     raise RuntimeError(f"an update came back different: {update}")
             if rep >= 2:
                 times.append(elapsed)
         return times
     finally:
-        await runtime.close()
+        await runtime.close(RunEnd(ok=True, reason="benchmark done"))
         for process in processes:
             try:
                 process.wait(timeout=30)
