@@ -24,8 +24,9 @@ process started it. Columns, in seconds:
 * ``r1/steady``: how much longer the first round takes than a steady one;
 * ``returned``: process start -> ``oiafed.run`` returned (workers stopped, run folder written);
 * ``total``: process start -> exit (interpreter shut down);
-* ``cpu``: CPU seconds (user + system) of the whole process tree: what the run costs however
-  busy the machine is.
+* ``cpu``: CPU seconds (user + system) of the process tree: what the run costs however busy
+  the machine is (Unix; processes nobody waited for, such as a forkserver and its children,
+  are missing).
 
 With ``--reps N`` every mode runs N times (interleaved) and each column is the median; a
 warm-up run of each mode first (``--warmup``) fills the file cache. Children get
