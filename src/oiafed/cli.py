@@ -4,6 +4,8 @@ Exit 0 ok, 2 bad input, 1 failure."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import logging
 import sys
@@ -189,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # Registered first, so it runs last: the final garbage collection of torch's many objects
+    # (~0.35 s) is skipped at exit; the OS frees the memory anyway.
+    atexit.register(gc.freeze)
     console = Console(stderr=True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -191,7 +191,10 @@ def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to completion, also from inside a running event loop (notebooks)."""
     try:
         asyncio.get_running_loop()
+        inside_a_loop = True
     except RuntimeError:
+        inside_a_loop = False
+    if not inside_a_loop:  # outside the except block: errors do not chain to this one
         return asyncio.run(coroutine)
     outcome: dict[str, Any] = {}
 

@@ -1,6 +1,8 @@
 """A whole gRPC deployment on this machine: a server on 127.0.0.1 and one ``oiafed client``
 process per client of the federation (with a fresh random token), each logging to
-``<run folder>/clients/<client id>.log``."""
+``<run folder>/clients/<client id>.log``. The client processes are forked from the runtimes'
+forkserver (``runtime/processes.py``: the imports are paid once), or started as
+``python -m oiafed.cli client`` where the OS has none."""
 
 from __future__ import annotations
 
@@ -10,18 +12,80 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol
 
 from oiafed.config import ExperimentConfig
 from oiafed.exceptions import DeploymentError
+from oiafed.runtime import processes
 from oiafed.runtime.grpc.auth import TOKEN_ENV, ServerSecurity
 from oiafed.runtime.grpc.runtime import GrpcRuntime
+from oiafed.runtime.processes import ProcessSetup
 
 LOOPBACK_MAX_CLIENTS = 128
 """A loopback deployment starts one process per client; more than this is a mistake."""
 LOOPBACK_JOIN_TIMEOUT = 300.0
 EXIT_TIMEOUT = 10.0
+
+
+def _client_main(argv: list[str], log: str, token: str, setup: ProcessSetup) -> None:
+    """A forked ``oiafed client``: stdin from /dev/null, stdout and stderr to ``log``."""
+    for fd, (path, flags) in enumerate([(os.devnull, os.O_RDONLY),
+                                        (log, os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+                                        (log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)]):
+        opened = os.open(path, flags, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    setup.apply()
+    os.environ[TOKEN_ENV] = token
+    from oiafed.cli import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+class ClientProcess(Protocol):
+    """What the loopback runtime needs of a client process (``subprocess.Popen`` has it)."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class ForkedClient:
+    """An ``oiafed client`` forked from the forkserver, seen as a ``ClientProcess``."""
+
+    def __init__(self, ctx: BaseContext, argv: list[str], log: Path, token: str) -> None:
+        self.process: Any = ctx.Process(  # type: ignore[attr-defined]
+            target=_client_main, args=(argv, str(log), token, ProcessSetup.here()),
+            name=f"oiafed-client-{argv[argv.index('--client-id') + 1]}")
+        self.process.start()
+
+    @property
+    def returncode(self) -> int | None:
+        code: int | None = self.process.exitcode
+        return code
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        code = self.returncode
+        if code is None:
+            raise subprocess.TimeoutExpired(self.process.name, timeout or 0.0)
+        return code
+
+    def kill(self) -> None:
+        self.process.kill()
 
 
 class LoopbackRuntime(GrpcRuntime):
@@ -32,7 +96,7 @@ class LoopbackRuntime(GrpcRuntime):
                          min_join=cfg.runtime.min_join,
                          join_timeout=cfg.runtime.join_timeout or LOOPBACK_JOIN_TIMEOUT)
         self.cfg = cfg
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, ClientProcess] = {}
         self.logs: dict[str, Path] = {}
         self._files: list[IO[bytes]] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -50,15 +114,19 @@ class LoopbackRuntime(GrpcRuntime):
         env = {**os.environ, TOKEN_ENV: token,
                "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")])}
         threads = str(self.cfg.runtime.threads or 1)
+        ctx = processes.context()
         for cid in self.spec.client_ids:
             log = log_dir / f"{cid}.log"
+            self.logs[cid] = log
+            argv = ["client", str(config_file), "--server", f"127.0.0.1:{self.port}",
+                    "--client-id", cid, "--threads", threads, "--reconnect-timeout", "30"]
+            if ctx.get_start_method() == "forkserver":
+                self.processes[cid] = ForkedClient(ctx, argv, log, token)
+                continue
             handle = open(log, "ab")  # noqa: SIM115 - closed in _shutdown
             self._files.append(handle)
-            self.logs[cid] = log
             self.processes[cid] = subprocess.Popen(
-                [sys.executable, "-m", "oiafed.cli", "client", str(config_file),
-                 "--server", f"127.0.0.1:{self.port}", "--client-id", cid, "--threads", threads,
-                 "--reconnect-timeout", "30"],
+                [sys.executable, "-m", "oiafed.cli", *argv],
                 stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
             )
 

@@ -1,7 +1,8 @@
 """``runtime.mode: parallel``: worker processes on this machine train the sampled clients.
 
 ``runtime.workers`` processes (default: the CPU count, at most the clients sampled per round)
-are started once per run with the "spawn" method. Each one builds its own ``ClientWorker``
+are started once per run, forked from a forkserver that has done the imports
+(``runtime/processes.py``; spawned where there is none). Each one builds its own ``ClientWorker``
 from the config (data partitions, model, learner and the configured callbacks, whose epoch
 hooks then run in that process) and keeps it for the whole run, with
 ``torch.set_num_threads(runtime.threads or 1)``. The worker side is ``worker.py``.
@@ -17,7 +18,8 @@ raises is a client failure (strict: the run fails); at the deadline the workers 
 are killed and replaced.
 
 A script that runs a parallel experiment must guard its entry point with
-``if __name__ == "__main__":`` (the "spawn" start method imports the main module again).
+``if __name__ == "__main__":`` (the forkserver and spawn start methods import the main module
+again).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -40,6 +41,7 @@ import torch
 from oiafed.config import ExperimentConfig
 from oiafed.core.types import ClientTask, Outcome, RoundTask
 from oiafed.exceptions import WireError, WorkerError
+from oiafed.runtime import processes
 from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
 from oiafed.runtime.codec import encode_json
 from oiafed.runtime.envelope import encode_client, encode_round
@@ -149,9 +151,8 @@ class ParallelRuntime(Runtime):
         self.cfg = cfg
         self.num_workers = cfg.runtime.workers or os.cpu_count() or 1
         self.spec = RunSpec(client_ids=(), num_sampled=self.num_workers)
-        self._ctx = mp.get_context("spawn")
-        self._init = encode_json({"op": "init", "config": cfg.model_dump(mode="json"),
-                                  "threads": cfg.runtime.threads or 1})
+        self._ctx = processes.context()
+        self._init = b""
         self._procs: list[_Process] = []
         self._spawned = 0
         self._busy = threading.Lock()
@@ -170,6 +171,10 @@ class ParallelRuntime(Runtime):
             WorkerError: when a worker fails to start (its error is in the message).
         """
         self.spec = spec
+        setup = processes.ProcessSetup.here()
+        self._init = encode_json({"op": "init", "config": self.cfg.model_dump(mode="json"),
+                                  "threads": self.cfg.runtime.threads or 1,
+                                  "sys_path": list(setup.sys_path), "cwd": setup.cwd})
         count = max(1, min(self.num_workers, spec.num_sampled))
         try:
             await asyncio.to_thread(self._start, count)

@@ -23,6 +23,7 @@ import torch
 
 from oiafed.config import ExperimentConfig
 from oiafed.runtime.codec import decode_json, encode_json
+from oiafed.runtime.processes import ProcessSetup
 from oiafed.runtime.worker import ClientWorker
 
 SEND_BUFFER = 8 * 2**20
@@ -66,6 +67,7 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and stops us
     try:
         init, _ = receive(conn)
+        ProcessSetup(tuple(init["sys_path"]), init["cwd"]).apply()
         torch.set_num_threads(int(init.get("threads") or 1))
         worker = ClientWorker.from_config(ExperimentConfig.model_validate(init["config"]))
     except EOFError:
