@@ -1,5 +1,6 @@
-"""Weights in chunks (``runtime/grpc/tensors.py``): the safetensors format without extra copies,
-read back by both decoders; malformed payloads are ``WireError``s, never crashes."""
+"""Tensor payloads (``runtime/tensors.py``): the safetensors format, received in chunks into one
+buffer and read back without extra copies by both decoders; malformed payloads are
+``WireError``s, never crashes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from oiafed.runtime.codec import WireError, decode_weights, encode_weights
-from oiafed.runtime.tensors import Assembler, decode_buffer, encode_chunks
+from oiafed.runtime.tensors import Assembler, decode_buffer, encode_payload
 
 WEIGHTS = {
     "layer.weight": torch.randn(7, 5, generator=torch.Generator().manual_seed(1)),
@@ -33,9 +34,14 @@ def assert_same(got, expected):
         assert torch.equal(got[key], value), key
 
 
+def encode_chunks(weights, size=1 << 20):
+    """``weights`` as one payload, cut into pieces of at most ``size`` bytes (as gRPC sends it)."""
+    payload = encode_payload(weights)
+    return len(payload), [payload[i:i + size] for i in range(0, len(payload), size)]
+
+
 def received(weights, size):
     total, pieces = encode_chunks(weights, size)
-    pieces = list(pieces)
     assert all(0 < len(p) <= size for p in pieces)
     assert sum(len(p) for p in pieces) == total
     assembler = Assembler(total, limit=total)

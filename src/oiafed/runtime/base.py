@@ -133,11 +133,11 @@ class RoundLedger:
         self.running.add(cid)
         return cid
 
-    def give_back(self, cid: str, *, front: bool = True) -> None:
-        """``cid`` never started training (its worker was busy or gone): pending again."""
+    def give_back(self, cid: str) -> None:
+        """``cid`` never started training (its worker was busy or gone): pending again, next."""
         self.running.discard(cid)
         if cid not in self.outcomes:
-            (self.pending.appendleft if front else self.pending.append)(cid)
+            self.pending.appendleft(cid)
 
     # -- answers ---------------------------------------------------------------------------
 

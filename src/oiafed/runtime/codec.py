@@ -15,7 +15,7 @@ from safetensors.numpy import save as _save_arrays
 from safetensors.torch import load as _load_tensors
 from safetensors.torch import save as _save_tensors
 
-from oiafed.core.types import ClientUpdate, Weights
+from oiafed.core.types import Weights
 from oiafed.exceptions import WireError
 
 
@@ -63,31 +63,3 @@ def decode_json(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise WireError(f"a message must be a JSON object, got {type(message).__name__}")
     return message
-
-
-def update_header(update: ClientUpdate) -> dict[str, Any]:
-    """The JSON part of a ``ClientUpdate`` (the weights travel separately)."""
-    return {"client_id": update.client_id, "num_samples": update.num_samples,
-            "metrics": {k: float(v) for k, v in update.metrics.items()}}
-
-
-def update_from_wire(header: dict[str, Any], payload: bytes | bytearray | memoryview
-                     ) -> ClientUpdate:
-    """A ``ClientUpdate`` from its JSON header and safetensors payload, with types checked.
-
-    Raises:
-        WireError: on a missing field or a value of the wrong type.
-    """
-    client_id, num_samples = header.get("client_id"), header.get("num_samples")
-    metrics = header.get("metrics")
-    if not isinstance(client_id, str) or not client_id:
-        raise WireError(f"update without a client_id: {header!r:.200}")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
-        raise WireError(f"update of {client_id}: num_samples must be an integer >= 0")
-    if not isinstance(metrics, dict) or not all(
-        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-        for k, v in metrics.items()
-    ):
-        raise WireError(f"update of {client_id}: metrics must map names to numbers")
-    return ClientUpdate(client_id, num_samples, {k: float(v) for k, v in metrics.items()},
-                        decode_weights(payload))

@@ -1,13 +1,13 @@
-"""Tensors in chunks: safetensors bytes written straight from tensor memory, and read back into
-tensors that share the receive buffer. Every message between processes (``envelope``) is such
-a payload, with its JSON header in the safetensors metadata.
+"""Named tensors as one safetensors payload (``encode_payload``), read back into tensors that
+share the receive buffer (``decode_payload``, ``Assembler`` for a payload that arrives in
+chunks). Every message between processes (``envelope``) is such a payload, with its JSON
+header in the safetensors metadata.
 
 The format is safetensors' (an 8-byte little-endian header length, a JSON header giving each
 tensor's dtype, shape and byte offsets, then the raw data), so ``codec.decode_weights`` reads
-what ``encode_chunks`` writes and the other way round. Doing it here saves copies of a large
-model: ``encode_chunks`` copies each byte once (into its chunk) where ``codec.encode_weights``
-plus cutting copies it three times, and ``Assembler`` copies each received chunk once into one
-buffer whose tensors are views, where joining and ``codec.decode_weights`` copy twice more.
+what is written here and the other way round. Reading here saves copies of a large model:
+``Assembler`` copies each received chunk once into one buffer whose tensors are views, where
+joining and ``codec.decode_weights`` copy twice more.
 
 The reader trusts nothing: the header must be a JSON object of entries with a known dtype, a
 shape of non-negative integers and offsets that match the shape and tile the data exactly; any
@@ -20,7 +20,6 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,59 +39,11 @@ DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
-"""The dtypes of the fast path; others take the safetensors library's (slower) path."""
+"""The dtypes read as views of the buffer; others take the safetensors library's path."""
 
 _BY_NAME = {name: dtype for dtype, name in DTYPES.items()}
-_FAST = sys.byteorder == "little"
-
-
-def encode_chunks(weights: Weights, size: int = CHUNK_SIZE,
-                  metadata: dict[str, str] | None = None) -> tuple[int, Iterator[bytes]]:
-    """``weights`` (and string ``metadata``) as safetensors bytes in pieces of at most
-    ``size`` bytes, and their total.
-
-    Tensors are laid out largest element first (then by name), so every tensor starts at an
-    offset aligned to its element size.
-    """
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
-    if not _FAST or any(t.dtype not in DTYPES for t in tensors.values()):
-        payload = tensor_bytes(tensors, metadata)
-        return len(payload), _cut([memoryview(payload)], size)
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    segments: list[memoryview] = []
-    offset = 0
-    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
-        tensor = tensors[name]
-        length = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + length]}
-        if length:
-            segments.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data))
-        offset += length
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
-    segments.insert(0, memoryview(struct.pack("<Q", len(text)) + text))
-    return sum(len(s) for s in segments), _cut(segments, size)
-
-
-def _cut(segments: list[memoryview], size: int) -> Iterator[bytes]:
-    """The concatenation of ``segments`` in pieces of ``size`` bytes (the last may be shorter)."""
-    parts: list[memoryview] = []
-    filled = 0
-    for segment in segments:
-        start = 0
-        while start < len(segment):
-            take = min(size - filled, len(segment) - start)
-            parts.append(segment[start:start + take])
-            filled += take
-            start += take
-            if filled == size:
-                yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-                parts, filled = [], 0
-    if parts:
-        yield b"".join(parts)
+_NATIVE = sys.byteorder == "little"
+"""Tensors can be views of the (little-endian) payload: the machine's byte order is the same."""
 
 
 def encode_payload(tensors: Weights, metadata: dict[str, str] | None = None) -> bytes:
@@ -148,7 +99,7 @@ def decode_buffer_with_metadata(buffer: bytearray) -> tuple[Weights, dict[str, s
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype_name, str):
             raise WireError(f"malformed tensor payload: bad dtype for {name!r}")
-        if dtype_name not in _BY_NAME:  # valid safetensors, maybe: the library decides
+        if dtype_name not in _BY_NAME or not _NATIVE:  # valid, maybe: the library decides
             return decode_weights(bytes(view)), metadata
         if not (isinstance(shape, list) and all(_count(d) for d in shape)
                 and isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
