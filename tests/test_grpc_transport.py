@@ -286,6 +286,24 @@ def test_a_wrong_or_missing_token_is_refused_and_never_joins(token, caplog):
     assert "refused a connection from ipv4:127.0.0.1" in caplog.text
 
 
+def test_a_client_of_another_wire_protocol_is_refused_saying_so(monkeypatch):
+    import oiafed.runtime.grpc.client as client_module
+
+    monkeypatch.setattr(client_module, "PROTOCOL", PROTOCOL - 1)  # an older oiafed's client
+    trainer = make_trainer(1)
+
+    async def scenario():
+        async with serving(trainer) as runtime:
+            old = ClientThread(runtime.port, "client_0", echo("client_0"))
+            await old.ended()
+            return old, dict(runtime.sessions)
+
+    old, sessions = run(scenario())
+    assert isinstance(old.error, RefusedError) and sessions == {}
+    assert f"speaks wire protocol {PROTOCOL - 1}, the server {PROTOCOL}" in str(old.error)
+    assert "run the same oiafed version on both" in str(old.error)
+
+
 def test_unknown_client_ids_and_other_models_are_refused():
     trainer = make_trainer(2)
 
