@@ -53,14 +53,14 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 def echo_client(port: int, client_id: str) -> None:
     """An echo client process: returns every task's weights unchanged."""
     from oiafed import ClientUpdate
-    from oiafed.runtime.envelope import decode_round, encode_update
+    from oiafed.runtime.envelope import decode_round, pack_update
     from oiafed.runtime.grpc import ClientSecurity
     from oiafed.runtime.grpc.client import FederationClient
     from oiafed.runtime.worker import TaskReply
 
-    def execute(round_data: bytes | bytearray, client_data: bytes | bytearray) -> TaskReply:
+    def execute(round_data: memoryview, client_data: bytes) -> TaskReply:
         weights = decode_round(round_data).weights
-        return TaskReply(encode_update(ClientUpdate(client_id, 1, {"accuracy": 0.0, "loss": 0.0},
+        return TaskReply(pack_update(ClientUpdate(client_id, 1, {"accuracy": 0.0, "loss": 0.0},
                                                     weights)))
 
     FederationClient(f"127.0.0.1:{port}", client_id, execute,

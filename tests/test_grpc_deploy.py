@@ -346,7 +346,8 @@ def test_a_client_can_train_on_a_local_dataset(tmp_path):
     model = build_model(cfg, build_federated_data(cfg.data, cfg.seed))
     reply = worker.execute(encode_round(RoundTask(1, model.state_dict(), {"lr": 0.05})),
                            encode_client(ClientTask("client_2", 7)))
-    update = decode_update(reply.update)
+    assert reply.update is not None, reply.traceback
+    update = decode_update(reply.update.to_bytes())
     assert update.num_samples == 1797  # all of digits, not a quarter of 80 % of it
     assert update.weights.keys() == model.state_dict().keys()
 
@@ -354,14 +355,14 @@ def test_a_client_can_train_on_a_local_dataset(tmp_path):
 ECHO_CLIENT = """
 import os, sys
 from oiafed import ClientUpdate
-from oiafed.runtime.envelope import decode_round, encode_update
+from oiafed.runtime.envelope import decode_round, pack_update
 from oiafed.runtime.grpc import ClientSecurity
 from oiafed.runtime.grpc.client import FederationClient
 from oiafed.runtime.worker import TaskReply
 
 def execute(round_data, client_data):
     weights = decode_round(round_data).weights
-    return TaskReply(encode_update(ClientUpdate("client_0", 1, {"accuracy": 1.0, "loss": 0.0},
+    return TaskReply(pack_update(ClientUpdate("client_0", 1, {"accuracy": 1.0, "loss": 0.0},
                                                 weights)))
 
 FederationClient(sys.argv[1], "client_0", execute, ClientSecurity(os.environ["OIAFED_TOKEN"])).run()

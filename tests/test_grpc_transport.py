@@ -29,12 +29,7 @@ from oiafed.core.types import ClientFailure, ClientTask, Outcome, RoundTask, Wei
 from oiafed.exceptions import DeploymentError, InputError, RoundFailed
 from oiafed.runtime.base import RunEnd
 from oiafed.runtime.codec import encode_weights
-from oiafed.runtime.envelope import (
-    PROTOCOL,
-    decode_client,
-    decode_round,
-    encode_update,
-)
+from oiafed.runtime.envelope import PROTOCOL, decode_client, decode_round, pack_update
 from oiafed.runtime.grpc import ClientSecurity, GrpcRuntime, ServerSecurity
 from oiafed.runtime.grpc.auth import read_token
 from oiafed.runtime.grpc.client import (
@@ -132,14 +127,14 @@ class Task:
     weights: Weights
 
 
-def as_execute(train: Callable[[Task], ClientUpdate]) -> Callable[[bytes, bytes], TaskReply]:
+def as_execute(train: Callable[[Task], ClientUpdate]) -> Callable[[memoryview, bytes], TaskReply]:
     """A worker entry point (bytes in, reply out) around a test's ``train`` function."""
 
-    def execute(round_data: bytes, client_data: bytes) -> TaskReply:
+    def execute(round_data: memoryview, client_data: bytes) -> TaskReply:
         try:
             task, client = decode_round(round_data), decode_client(client_data)
             update = train(Task(task.round_num, client.seed, task.config, task.weights))
-            return TaskReply(update=encode_update(update))
+            return TaskReply(update=pack_update(update))
         except Exception:
             return TaskReply(traceback=traceback.format_exc())
 

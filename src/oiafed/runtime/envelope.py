@@ -20,7 +20,7 @@ from typing import Any
 
 from oiafed.core.types import JSON, ClientTask, ClientUpdate, RoundTask, Tensors, Weights
 from oiafed.exceptions import WireError
-from oiafed.runtime.tensors import decode_payload, encode_payload
+from oiafed.runtime.tensors import Payload, decode_payload
 
 PROTOCOL = 3
 """The message (and gRPC wire) protocol version; a peer of another version is refused."""
@@ -29,7 +29,7 @@ HEADER_KEY = "oiafed"
 WEIGHTS, EXTRA = "weights/", "extra/"
 
 
-def _pack(kind: str, header: dict[str, JSON], weights: Weights, extras: Tensors) -> bytes:
+def _pack(kind: str, header: dict[str, JSON], weights: Weights, extras: Tensors) -> Payload:
     tensors = {WEIGHTS + k: v for k, v in weights.items()}
     tensors.update((EXTRA + k, v) for k, v in extras.items())
     try:
@@ -37,7 +37,7 @@ def _pack(kind: str, header: dict[str, JSON], weights: Weights, extras: Tensors)
                           separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise WireError(f"a {kind} message must hold JSON values: {exc}") from exc
-    return encode_payload(tensors, {HEADER_KEY: text})
+    return Payload(tensors, {HEADER_KEY: text})
 
 
 def _unpack(data: bytes | bytearray | memoryview, kind: str
@@ -87,14 +87,19 @@ def _client_id(header: dict[str, Any], kind: str) -> str:
     return value
 
 
-def encode_round(task: RoundTask) -> bytes:
-    """A round's broadcast part as bytes.
+def pack_round(task: RoundTask) -> Payload:
+    """A round's broadcast part, ready to be written whole or in pieces.
 
     Raises:
         WireError: when the config or extra values are not JSON.
     """
     return _pack("round", {"round": task.round_num, "config": task.config,
                            "values": task.extra_values}, task.weights, task.extra_tensors)
+
+
+def encode_round(task: RoundTask) -> bytes:
+    """A round's broadcast part as bytes (``pack_round``, whole)."""
+    return pack_round(task).to_bytes()
 
 
 def decode_round(data: bytes | bytearray | memoryview) -> RoundTask:
@@ -114,7 +119,7 @@ def decode_round(data: bytes | bytearray | memoryview) -> RoundTask:
 def encode_client(task: ClientTask) -> bytes:
     """One client's part of a task as bytes."""
     return _pack("client", {"client_id": task.client_id, "seed": task.seed,
-                            "values": task.extra_values}, {}, task.extra_tensors)
+                            "values": task.extra_values}, {}, task.extra_tensors).to_bytes()
 
 
 def decode_client(data: bytes | bytearray | memoryview) -> ClientTask:
@@ -128,12 +133,17 @@ def decode_client(data: bytes | bytearray | memoryview) -> ClientTask:
                       _values(header, "client"))
 
 
-def encode_update(update: ClientUpdate) -> bytes:
-    """A client's update as bytes."""
+def pack_update(update: ClientUpdate) -> Payload:
+    """A client's update, ready to be written whole or in pieces."""
     metrics = {k: float(v) for k, v in update.metrics.items()}
     return _pack("update", {"client_id": update.client_id, "num_samples": update.num_samples,
                             "metrics": metrics, "values": update.extra_values},
                  update.weights, update.extra_tensors)
+
+
+def encode_update(update: ClientUpdate) -> bytes:
+    """A client's update as bytes (``pack_update``, whole)."""
+    return pack_update(update).to_bytes()
 
 
 def decode_update(data: bytes | bytearray | memoryview) -> ClientUpdate:

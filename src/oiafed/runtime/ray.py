@@ -96,7 +96,7 @@ class ClientActor:
             self.round_data = ray.get(round_ref[0])
             self.round_num = round_num
         reply = self.worker.execute(self.round_data, client_data)
-        return reply.update, reply.traceback
+        return (b"", reply.traceback) if reply.update is None else (reply.update.to_bytes(), "")
 
 
 class _Actor:

@@ -46,22 +46,84 @@ _NATIVE = sys.byteorder == "little"
 """Tensors can be views of the (little-endian) payload: the machine's byte order is the same."""
 
 
+class Payload:
+    """Named tensors and string metadata laid out as safetensors, not yet copied anywhere: a
+    header and views of the tensors' memory. ``to_bytes()`` writes it whole and ``pieces()`` in
+    chunks, each copying every byte once.
+
+    Tensors are laid out largest element first (then by name), so every tensor starts at an
+    offset aligned to its element size.
+    """
+
+    def __init__(self, tensors: Weights, metadata: dict[str, str] | None = None) -> None:
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        if not _NATIVE or any(t.dtype not in DTYPES for t in tensors.values()):
+            self.segments = [memoryview(tensor_bytes(tensors, metadata))]
+        else:
+            self.segments = _layout(tensors, metadata)
+        self._keep = tensors  # the views above point into these
+        self.size = sum(len(segment) for segment in self.segments)
+
+    def to_bytes(self) -> bytes:
+        """The whole payload."""
+        return b"".join(self.segments)
+
+    def pieces(self, size: int = CHUNK_SIZE) -> list[bytes]:
+        """The payload in pieces of ``size`` bytes (the last may be shorter)."""
+        pieces: list[bytes] = []
+        parts: list[memoryview] = []
+        filled = 0
+        for segment in self.segments:
+            start = 0
+            while start < len(segment):
+                take = min(size - filled, len(segment) - start)
+                parts.append(segment[start:start + take])
+                filled += take
+                start += take
+                if filled == size:
+                    pieces.append(b"".join(parts))
+                    parts, filled = [], 0
+        if parts:
+            pieces.append(b"".join(parts))
+        return pieces
+
+
+def _layout(tensors: Weights, metadata: dict[str, str] | None) -> list[memoryview]:
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    segments: list[memoryview] = []
+    offset = 0
+    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
+        tensor = tensors[name]
+        length = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + length]}
+        if length:
+            segments.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data))
+        offset += length
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    segments.insert(0, memoryview(struct.pack("<Q", len(text)) + text))
+    return segments
+
+
 def encode_payload(tensors: Weights, metadata: dict[str, str] | None = None) -> bytes:
     """``tensors`` and ``metadata`` as one safetensors payload (``decode_payload`` reads it)."""
-    return tensor_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+    return Payload(tensors, metadata).to_bytes()
 
 
 def decode_payload(data: bytes | bytearray | memoryview) -> tuple[Weights, dict[str, str]]:
-    """Tensors (views of one private copy of ``data``) and metadata of a safetensors payload.
+    """Tensors and metadata of a safetensors payload. The tensors are views of ``data`` when it
+    is writable (a ``bytearray`` or a view of one), else of a private copy.
 
     Raises:
         WireError: when ``data`` is not a well-formed payload.
     """
-    buffer = data if isinstance(data, bytearray) else bytearray(data)
-    return decode_buffer_with_metadata(buffer)
+    if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
+        return decode_buffer_with_metadata(data)
+    return decode_buffer_with_metadata(bytearray(data))
 
 
-def decode_buffer(buffer: bytearray) -> Weights:
+def decode_buffer(buffer: bytearray | memoryview) -> Weights:
     """Weights from safetensors bytes; the tensors are views of ``buffer`` (no copy).
 
     Raises:
@@ -70,7 +132,8 @@ def decode_buffer(buffer: bytearray) -> Weights:
     return decode_buffer_with_metadata(buffer)[0]
 
 
-def decode_buffer_with_metadata(buffer: bytearray) -> tuple[Weights, dict[str, str]]:
+def decode_buffer_with_metadata(buffer: bytearray | memoryview
+                                ) -> tuple[Weights, dict[str, str]]:
     """``decode_buffer``, and the payload's string metadata.
 
     Raises:

@@ -28,7 +28,8 @@ from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
 from oiafed.exceptions import InputError
-from oiafed.runtime.envelope import decode_client, decode_round, encode_update
+from oiafed.runtime.envelope import decode_client, decode_round, pack_update
+from oiafed.runtime.tensors import Payload
 from oiafed.seeding import INIT, derive_seed
 
 
@@ -56,10 +57,11 @@ def _nbytes(data: ArrayDataset) -> int:
 
 @dataclass(frozen=True)
 class TaskReply:
-    """What ``ClientWorker.execute`` gives back: the update's bytes, or the traceback text of
-    the exception that training raised."""
+    """What ``ClientWorker.execute`` gives back: the update (an envelope ``Payload``, written
+    whole or in pieces by the transport), or the traceback text of the exception that
+    training raised."""
 
-    update: bytes = b""
+    update: Payload | None = None
     traceback: str = ""
 
 
@@ -143,7 +145,8 @@ class ClientWorker:
             round_num=task.round_num, seed=client.seed, config=task.config,
         )
 
-    def execute(self, round_data: bytes | bytearray, client_data: bytes | bytearray) -> TaskReply:
+    def execute(self, round_data: bytes | bytearray | memoryview,
+                client_data: bytes | bytearray | memoryview) -> TaskReply:
         """The entry point of workers in other processes: train the client ``client_data``
         names from the round ``round_data`` describes (both ``envelope`` bytes).
 
@@ -157,7 +160,7 @@ class ClientWorker:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
             update = self._loop.run_until_complete(self.train(self._round, client))
-            return TaskReply(update=encode_update(update))
+            return TaskReply(update=pack_update(update))
         except Exception:
             return TaskReply(traceback=traceback.format_exc())
 

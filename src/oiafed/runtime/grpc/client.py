@@ -44,7 +44,7 @@ REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_")
 
 
-Execute = Callable[[bytes | bytearray, bytes | bytearray], TaskReply]
+Execute = Callable[[memoryview, bytes], TaskReply]
 """The worker's entry point: the round's and the client's envelope bytes in, a reply out."""
 
 
@@ -184,24 +184,24 @@ class FederationClient:
 
     def _answer(self, task: pb.TrainTask, assembler: Assembler,
                 outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
-        payload = assembler.buffer
+        payload = memoryview(assembler.buffer)
         if task.round_size > len(payload):
             raise WireError(f"a task of {len(payload)} bytes says its round part has "
                             f"{task.round_size}")
-        reply = self.execute(payload[:task.round_size], payload[task.round_size:])
-        if reply.traceback:
+        # the round's part is read in place; the client's (small, maybe unaligned) is copied
+        reply = self.execute(payload[:task.round_size], bytes(payload[task.round_size:]))
+        if reply.update is None:
             logger.error("round %d: training failed:\n%s", task.round, reply.traceback)
             outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
                                                            traceback=reply.traceback)))
             return
-        update = reply.update
-        single = len(update) <= CHUNK_SIZE
+        pieces = reply.update.pieces(CHUNK_SIZE)
+        single = len(pieces) == 1
         outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
-            task_id=task.task_id, size=len(update), data=update if single else b"")))
+            task_id=task.task_id, size=reply.update.size, data=pieces[0] if single else b"")))
         if not single:
-            for start in range(0, len(update), CHUNK_SIZE):
-                outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id,
-                                                           data=update[start:start + CHUNK_SIZE])))
+            for piece in pieces:
+                outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
 
 
 def build_worker(cfg: ExperimentConfig, client_id: str, *, local_data: bool = False

@@ -21,13 +21,13 @@ import grpc
 from oiafed.core.types import ClientTask, Outcome, RoundTask
 from oiafed.exceptions import DeploymentError, InputError
 from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
-from oiafed.runtime.envelope import encode_client, encode_round
+from oiafed.runtime.envelope import encode_client, pack_round
 from oiafed.runtime.grpc.auth import ServerSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
 from oiafed.runtime.grpc.service import FederationService, Reply
 from oiafed.runtime.grpc.wire import SERVER_OPTIONS, is_loopback, model_digest, parse_address
-from oiafed.runtime.tensors import CHUNK_SIZE
+from oiafed.runtime.tensors import CHUNK_SIZE, Payload
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,11 @@ class GrpcRuntime(Runtime):
                              round_timeout=self.spec.round_timeout, strict=self.spec.strict)
         while ledger.take() is not None:  # every client is sent its task at once
             pass
-        round_data = encode_round(task)
+        round_data = pack_round(task)
         self._next_task += 1
         task_id = self._next_task  # one per round: a client has one task at a time
         shared = [pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
-                  for piece in cut(round_data)]
+                  for piece in round_data.pieces(CHUNK_SIZE)]
         connected = sum(c.client_id in service.sessions for c in clients)
         # Below the quorum, a round waits (up to its deadline) for missing clients to come back.
         wait_join = deadline is not None and connected < self.spec.min_clients
@@ -126,7 +126,7 @@ class GrpcRuntime(Runtime):
 
     # -- rounds ----------------------------------------------------------------------------
 
-    async def _train_one(self, ledger: RoundLedger, task_id: int, round_data: bytes,
+    async def _train_one(self, ledger: RoundLedger, task_id: int, round_data: Payload,
                          shared: list[pb.ServerMessage], client: ClientTask, wait_join: bool
                          ) -> Reply | None:
         """Send ``client`` its task (the round's chunks ``shared`` with the round's other
@@ -136,11 +136,11 @@ class GrpcRuntime(Runtime):
         if cid not in service.sessions and wait_join:
             await self._wait_for_session(cid, ledger)
         client_data = encode_client(client)
-        size = len(round_data) + len(client_data)
+        size = round_data.size + len(client_data)
         header = pb.TrainTask(task_id=task_id, round=ledger.round_num,
-                              round_size=len(round_data), size=size)
+                              round_size=round_data.size, size=size)
         if size <= CHUNK_SIZE:  # one message
-            header.data = round_data + client_data
+            header.data = round_data.to_bytes() + client_data
             messages = [pb.ServerMessage(task=header)]
         else:
             messages = [pb.ServerMessage(task=header), *shared]

@@ -97,10 +97,10 @@ def worker_main(conn: Connection) -> None:
                     continue
                 reply = worker.execute(round_data, payload)
                 about = {"client_id": cid, "round": round_num}
-                if reply.traceback:
+                if reply.update is None:
                     send(conn, {"op": "error", **about, "traceback": reply.traceback})
                 else:
-                    send(conn, {"op": "update", **about}, reply.update)
+                    send(conn, {"op": "update", **about}, reply.update.to_bytes())
     except (EOFError, OSError):
         return  # the driver is gone
     finally:
