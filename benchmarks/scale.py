@@ -178,6 +178,10 @@ class TreeRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> TreeRss:
+        try:
+            import psutil  # noqa: F401
+        except ImportError as exc:  # never report the main process's memory as the tree's
+            raise SystemExit("the RSS tree needs psutil: .venv/bin/pip install psutil") from exc
         self._thread.start()
         return self
 
