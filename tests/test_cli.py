@@ -236,12 +236,15 @@ def test_a_failed_run_tells_its_callbacks_keeps_its_last_round_and_says_how_to_r
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_serial_run_within_a_round_and_exits_130(workdir: Path) -> None:
+@pytest.mark.parametrize("mode", ["serial", "parallel", "grpc"])
+def test_ctrl_c_stops_a_run_within_a_round_and_exits_130(workdir: Path, mode: str) -> None:
     import signal
     import time
 
-    args, proc = start(workdir, "run", "long.yaml", "--run-dir", "runs/long", "-q")
-    metrics = workdir / "runs/long/metrics.jsonl"
+    folder = workdir / f"runs/long_{mode}"
+    args, proc = start(workdir, "run", "long.yaml", f"runtime.mode={mode}", "--run-dir",
+                       str(folder), "-q")
+    metrics = folder / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, finish((args, proc))
@@ -252,9 +255,12 @@ def test_ctrl_c_stops_a_serial_run_within_a_round_and_exits_130(workdir: Path) -
     assert time.monotonic() - sent < 10, "one Ctrl-C stops the run within a round or so"
     assert outcome.returncode == 130, outcome
     assert "interrupted" in outcome.stderr and "--resume" in outcome.stderr
-    summary = json.loads((workdir / "runs/long/summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted"
-    assert summary["rounds_completed"] < 1000
+    assert 2 <= summary["rounds_completed"] < 1000
+    from oiafed.state import load_state
+
+    assert load_state(folder)["trainer"]["round_num"] == summary["rounds_completed"]
 
 
 @pytest.mark.parametrize(("name", "message"), [
