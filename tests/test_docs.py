@@ -15,7 +15,7 @@ from support import RegistrySnapshot
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EN, ZH = DOCS / "callbacks.md", DOCS / "callbacks.zh.md"
-PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted((ROOT / "02-api-reference").glob("*.md"))]
 
 # The seed page is kept byte-identical to the shared seed (test_seed_snippets), so its
 # "next steps" links to pages of the original project cannot be fixed here. These, and only

@@ -21,6 +21,7 @@ from oiafed.run_folder import CONFIG as CONFIG_FILE
 from oiafed.run_folder import RunFolder
 from oiafed.runtime import create_runtime
 from oiafed.runtime.worker import ClientWorker, build_callbacks, build_model
+from oiafed.seeding import seed_global_generators
 from oiafed.state import load_state, restore_rng
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def run(
         if config is None:
             raise InputError("give a config (or a run folder to resume)")
         cfg = load_config(config, overrides)
+        seed_global_generators(cfg.seed)  # a resumed run restores them from its state instead
         experiment = Experiment.build(cfg, callbacks)
         folder = RunFolder.create(run_dir, cfg)
         folder.write_config(cfg)

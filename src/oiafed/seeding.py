@@ -7,13 +7,19 @@ draw the same numbers.
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import torch
 
 PARTITION = 1
 SAMPLING = 2
 INIT = 3
 TRAIN = 4
 DATA = 5
+GLOBAL = 6
+"""The process-wide generators (Python's ``random``, NumPy's ``np.random``, torch's) that a
+new run seeds before it starts (``seed_global_generators``)."""
 
 
 _MASK = (1 << 64) - 1
@@ -41,3 +47,12 @@ def derive_seed(seed: int, stream: int, *parts: int) -> int:
 def rng(seed: int, stream: int, *parts: int) -> np.random.Generator:
     """A NumPy generator for ``stream`` at ``parts``."""
     return np.random.default_rng(np.random.SeedSequence([seed, stream, *parts]))
+
+
+def seed_global_generators(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global ``np.random`` and torch's default generator
+    from ``seed`` (stream ``GLOBAL``), so callbacks and other code drawing from them in this
+    process draw the same numbers in every run of the same config and seed."""
+    random.seed(derive_seed(seed, GLOBAL, 0))
+    np.random.seed(derive_seed(seed, GLOBAL, 1) & 0xFFFFFFFF)
+    torch.default_generator.manual_seed(derive_seed(seed, GLOBAL, 2))
