@@ -97,6 +97,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_yaml(folder / "unknown_type.yaml", {**TINY, "aggregator": {"type": "fedavgg"}})
     write_yaml(folder / "bad_value.yaml", {**TINY, "data": {**TINY["data"], "num_clients": 0}})
     write_yaml(folder / "bad_arg_value.yaml", {**TINY, "trainer": {"args": {"rounds": 0}}})
+    # model.type switched from mlp to cnn, the mlp's hidden: [64] left behind
+    write_yaml(folder / "switched_model.yaml", {**TINY, "model": {"type": "cnn", "args": {"hidden": [64]}}})
     write_yaml(folder / "broken_import.yaml", {**TINY, "imports": ["cli_broken_module"]})
     (folder / "cli_broken_module.py").write_text("def broken(:\n", encoding="utf-8")
     write_yaml(folder / "failing.yaml", {**TINY, "strict": True, "imports": ["cli_failing_callbacks"],
@@ -139,6 +141,9 @@ COMMANDS = {
     "validate_broken_import": ["validate", "broken_import.yaml"],
     "list": ["list"],
     "list_callback": ["list", "callback"],
+    "list_callbacks": ["list", "callbacks"],
+    "list_model_cnn": ["list", "model", "cnn"],
+    "validate_switched_model": ["validate", "switched_model.yaml"],
 }
 
 
@@ -272,6 +277,8 @@ def test_ctrl_c_stops_a_run_within_a_round_and_exits_130(workdir: Path, mode: st
     ("validate_missing_file", "cannot read config file missing.yaml"),
     ("validate_bad_arg_value", "trainer.args: rounds must be >= 1, got 0"),
     ("validate_broken_import", "imports[0]: cannot import module 'cli_broken_module': SyntaxError"),
+    ("validate_switched_model", "model.args.hidden: cnn's argument hidden expects int, got [64]: "
+                                "Input should be a valid integer"),
 ])
 def test_bad_input_exits_2_with_a_message(workdir: Path, outcomes: dict[str, Outcome], name: str,
                                           message: str) -> None:
@@ -316,6 +323,34 @@ def test_list_callback_prints_only_callbacks(outcomes: dict[str, Outcome]) -> No
     assert len(outcome.stdout.strip().splitlines()) == 1
     assert "progress" in outcome.stdout
     assert "fedavg" not in outcome.stdout
+
+
+def test_list_takes_plural_kinds(outcomes: dict[str, Outcome]) -> None:
+    outcome = outcomes["list_callbacks"]
+    assert outcome.returncode == 0, outcome
+    assert outcome.stdout == outcomes["list_callback"].stdout
+
+
+def test_list_kind_name_prints_the_arguments_with_types_defaults_and_docstring(
+        outcomes: dict[str, Outcome]) -> None:
+    outcome = outcomes["list_model_cnn"]
+    assert outcome.returncode == 0, outcome
+    assert outcome.stdout.splitlines() == [
+        "model cnn: Small CNN: per entry of ``channels`` a 3x3 conv, ReLU and 2x2 max-pool, "
+        "then an MLP head.",
+        "  channels: Sequence[int] = [32, 64]",
+        "  hidden: int = 128",
+        "  set by oiafed: input_shape, num_classes",
+    ]
+
+
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import oiafed
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"oiafed {oiafed.__version__}\n"
 
 
 # -- argument errors (argparse stops before anything runs: checked in-process) -----------------

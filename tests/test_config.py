@@ -72,10 +72,13 @@ def test_unknown_keys_are_named(raw: dict, expected: str) -> None:
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
-    ({"trainer": {"args": {"rounds": "many"}}}, "trainer.args.rounds: Input should be a valid integer"),
+    ({"trainer": {"args": {"rounds": "many"}}},
+     "trainer.args.rounds: the default trainer's argument rounds expects int, got 'many': "
+     "Input should be a valid integer"),
     ({"data": {"num_clients": "ten"}}, "data.num_clients: Input should be a valid integer"),
     ({"data": {"partition": {"type": "dirichlet", "args": {"alpha": "big"}}}},
-     "data.partition.args.alpha: Input should be a valid number"),
+     "data.partition.args.alpha: dirichlet's argument alpha expects float, got 'big': "
+     "Input should be a valid number"),
     ({"seed": 1.5}, "seed: Input should be a valid integer"),
     ({"strict": "maybe"}, "strict: Input should be a valid boolean"),
     ({"callbacks": {"type": "progress"}}, "callbacks: Input should be a valid list"),
@@ -104,7 +107,8 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_callback_argument_errors_name_the_list_index(patience_callback: type) -> None:
     raw = {"callbacks": [{"type": "progress"}, {"type": "test_patience", "args": {"patience": "x"}}]}
-    assert "callbacks[1].args.patience: Input should be a valid integer" in config_error(raw)
+    assert ("callbacks[1].args.patience: test_patience's argument patience expects int, got 'x': "
+            "Input should be a valid integer") in config_error(raw)
     raw = {"callbacks": [{"type": "test_patience", "args": {"patiance": 2}}]}
     assert "callbacks[0].args.patiance: unknown argument" in config_error(raw)
     cfg = load_config({"callbacks": [{"type": "test_patience", "args": {"patience": "4"}}]})
@@ -280,10 +284,19 @@ def test_yaml_file_that_is_not_a_mapping_is_a_config_error(tmp_path: Path, text:
         load_config(path)
 
 
-def test_empty_yaml_file_is_the_default_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["", "\n", "# nothing here\n"])
+def test_empty_yaml_file_is_a_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "empty.yaml"
-    path.write_text("# nothing here\n", encoding="utf-8")
-    assert read_yaml(path) == {}
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"empty\.yaml is empty"):
+        read_yaml(path)
+    with pytest.raises(ConfigError, match=r"empty\.yaml is empty"):
+        load_config(path)
+
+
+def test_a_yaml_file_holding_an_empty_mapping_is_the_default_config(tmp_path: Path) -> None:
+    path = tmp_path / "defaults.yaml"
+    path.write_text("{}\n", encoding="utf-8")
     assert load_config(path) == load_config({})
 
 

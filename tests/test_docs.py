@@ -126,3 +126,20 @@ def test_readme_snippet_runs(tmp_path, monkeypatch, capsys, caplog):
         f"Round {row['round']}: accuracy = {row['accuracy']:.4f}" for row in result.history]
     assert Path(result.run_dir).resolve().is_relative_to(tmp_path.resolve())
     assert not [r for r in caplog.records if "registry:" in r.getMessage()]
+
+
+def test_readme_inference_snippet_runs(tmp_path, monkeypatch, capsys):
+    import oiafed
+
+    (block,) = [body for fence, body in FENCE.findall((ROOT / "README.md").read_text("utf-8"))
+                if fence == "```python" and "oiafed.load_model(" in body]
+    monkeypatch.chdir(tmp_path)  # the snippet reads runs/try, made as the README says
+    result = oiafed.run(ROOT / "examples" / "quickstart.yaml", run_dir="runs/try",
+                        overrides=["trainer.args.rounds=3"])
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(block, "README.md[load_model]", "exec"), namespace)
+    model, predicted = namespace["model"], namespace["predicted"]
+    for key, value in result.weights.items():  # the final weights of the run
+        assert model.state_dict()[key].equal(value), key
+    assert predicted.shape == (5,)
+    assert capsys.readouterr().out.startswith(f"predicted {predicted.tolist()} true [")

@@ -678,6 +678,20 @@ def test_too_few_joins_within_the_join_timeout_is_a_clear_error():
         run(scenario())
 
 
+def test_a_min_join_above_the_federation_is_clamped_with_a_warning(caplog):
+    trainer = make_trainer(3)
+
+    async def scenario():
+        runtime = Served(trainer, "127.0.0.1:0", ServerSecurity(TOKEN), min_join=5,
+                         join_timeout=0.3)
+        await runtime.start()
+
+    with caplog.at_level(logging.WARNING, logger="oiafed"), \
+            pytest.raises(DeploymentError, match=r"only 0 of 3 client\(s\) joined"):
+        run(scenario())
+    assert "runtime.min_join is 5 but the federation has 3 clients" in caplog.text
+
+
 def test_an_update_payload_is_never_unpickled():
     """The payload decoder is safetensors: a pickle is a malformed payload, not code."""
     import pickle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -106,8 +107,8 @@ def test_a_failing_callback_is_logged_counted_and_training_goes_on(tmp_path, cap
     assert "boom in round 1" in result.callback_errors[0]["error"]
     failures = [r for r in caplog.records if "Boom.on_round_end" in r.getMessage()]
     assert len(failures) == 3 and failures[0].exc_info is not None
-    summary = (tmp_path / "run" / "summary.json").read_text()
-    assert '"callback_errors": 3' in summary
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["callback_errors"] == {"total": 3, "by_callback": {"Boom.on_round_end": 3}}
 
 
 def test_strict_mode_reraises(tmp_path):

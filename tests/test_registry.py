@@ -115,10 +115,44 @@ def test_build_validates_and_converts_arguments(clean_registry: None) -> None:
     widget = registry.build("callback", {"type": "widget", "args": {"size": "7"}}, "callbacks[2]")
     assert isinstance(widget, Widget)
     assert widget.size == 7 and widget.label == "w"
-    with pytest.raises(ConfigError, match=r"callbacks\[2\]\.args\.colour: unknown argument"):
+    with pytest.raises(ConfigError, match=r"callbacks\[2\]\.args\.colour: unknown argument; "
+                                          "widget takes size, label"):
         registry.build("callback", {"type": "widget", "args": {"colour": "red"}}, "callbacks[2]")
-    with pytest.raises(ConfigError, match=r"callbacks\[2\]\.args\.size: Input should be a valid integer"):
+    with pytest.raises(ConfigError, match=r"callbacks\[2\]\.args\.size: widget's argument size "
+                                          "expects int, got 'big': Input should be a valid integer"):
         registry.build("callback", {"type": "widget", "args": {"size": "big"}}, "callbacks[2]")
+
+
+def test_a_bad_argument_names_the_component_and_what_it_expects() -> None:
+    # model.type switched from mlp to cnn, the mlp's hidden: [64] left behind
+    with pytest.raises(ConfigError) as info:
+        registry.validate_args(registry.get("model", "cnn"), {"hidden": [64]}, "model.args",
+                               {"input_shape", "num_classes"})
+    assert str(info.value) == ("model.args.hidden: cnn's argument hidden expects int, got [64]: "
+                               "Input should be a valid integer")
+    with pytest.raises(ConfigError) as info:
+        registry.validate_args(registry.get("model", "cnn"), {"channels": [8, "x"]}, "model.args",
+                               {"input_shape", "num_classes"})
+    assert str(info.value).startswith("model.args.channels: cnn's argument channels expects "
+                                      "Sequence[int], got [8, 'x']: item 1: Input should be")
+
+
+def test_describe_gives_the_summary_and_arguments(clean_registry: None) -> None:
+    @registry.register("callback.described_test")
+    class Described:
+        """Does a thing.
+
+        More text.
+        """
+
+        def __init__(self, needed: float, size: int = 3, *args: object, **rest: object) -> None:
+            pass
+
+    info = registry.describe("callback", "described_test", {"size"})
+    assert info.name == "callback.described_test"
+    assert info.summary == "Does a thing."
+    assert info.arguments == [registry.ArgumentInfo("needed", "float", None)]
+    assert info.injected == ["size"] and info.any_other
 
 
 def test_build_turns_constructor_value_errors_into_config_errors(clean_registry: None) -> None:

@@ -9,6 +9,7 @@ from oiafed.core.types import ClientUpdate, RoundResult, TrainResult
 from oiafed.exceptions import CallbackError, ConfigError, OiafedError, RegistryError
 from oiafed.registry import build, register
 from oiafed.run import run
+from oiafed.trained import load_model
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "build",
     "load_config",
+    "load_model",
     "register",
     "run",
 ]

@@ -14,19 +14,23 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
+import oiafed
 from oiafed import registry
 from oiafed.callbacks.progress import ProgressCallback, format_metrics
 from oiafed.config import load_config
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError, OiafedError, exit_code
 from oiafed.run import run, validate
+from oiafed.run_folder import RUN_LOG, active_run_log
 
 logger = logging.getLogger("oiafed")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oiafed", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"oiafed {oiafed.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -42,8 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     validate_cmd.add_argument("config")
     validate_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
-    list_cmd = commands.add_parser("list", help="list registered components")
-    list_cmd.add_argument("kind", nargs="?", choices=registry.KINDS)
+    list_cmd = commands.add_parser(
+        "list", help="list registered components; with KIND NAME, one component's arguments")
+    list_cmd.add_argument("kind", nargs="?", metavar="KIND",
+                          choices=[*registry.KINDS, *(kind + "s" for kind in registry.KINDS)],
+                          help=f"one of {', '.join(registry.KINDS)} (plurals accepted)")
+    list_cmd.add_argument("name", nargs="?", metavar="NAME",
+                          help="a component: its arguments (type = default) and docstring")
 
     server_cmd = commands.add_parser(
         "server", help="serve a deployment: train with the clients that join over gRPC",
@@ -115,7 +124,9 @@ def _report(result: TrainResult, console: Console) -> None:
         console.print(f"best round {best['round']}: {format_metrics(best)}", highlight=False, soft_wrap=True)
     console.print(f"final: {format_metrics(result.final_metrics)}", highlight=False, soft_wrap=True)
     if result.callback_errors:
-        console.print(f"[yellow]{len(result.callback_errors)} callback error(s); see the log")
+        console.print(f"[yellow]{len(result.callback_errors)} callback error(s)[/yellow]; "
+                      f"tracebacks in {result.run_dir and result.run_dir / RUN_LOG}",
+                      highlight=False, soft_wrap=True)
     console.print(f"run folder: {result.run_dir}", highlight=False, soft_wrap=True)
 
 
@@ -176,16 +187,76 @@ def _validate(args: argparse.Namespace, console: Console) -> None:
 
 
 def _list(args: argparse.Namespace, console: Console) -> None:
-    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    kind = args.kind.removesuffix("s") if args.kind else None
+    if kind and args.name:
+        _describe(kind, args.name, console)
+        return
+    kinds = [kind] if kind else list(registry.KINDS)
     for kind in kinds:
         names = [n.split(".", 1)[1] for n in registry.names(kind)]
         console.print(f"[bold]{kind}[/bold]: {', '.join(names) or '(none)'}")
+
+
+def _describe(kind: str, name: str, console: Console) -> None:
+    """``oiafed list KIND NAME``: the docstring's first line, then each argument."""
+    from oiafed.config import INJECTED_ARGS
+
+    info = registry.describe(kind, name, INJECTED_ARGS.get(kind, set()))
+    lines = [f"{kind} {info.name.split('.', 1)[1]}: {info.summary or '(no docstring)'}"]
+    lines += [f"  {arg.name}: {arg.type}" + (" (required)" if arg.default is None
+                                             else f" = {arg.default}") for arg in info.arguments]
+    if not info.arguments:
+        lines.append("  (no arguments)")
+    if info.any_other:
+        lines.append("  ...and any other keyword argument")
+    if info.injected:
+        lines.append(f"  set by oiafed: {', '.join(info.injected)}")
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
+def _console_handler(console: Console) -> logging.Handler:
+    """Log records on stderr: rich on a terminal, else plain lines of any width (nothing
+    wraps at 80 columns); while a run writes its run.log, one line per record."""
+    if console.is_terminal:
+        return _RichOneLine(console=console, show_path=False)
+    handler = _PlainOneLine(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    return handler
+
+
+def _one_line(record: logging.LogRecord) -> logging.LogRecord:
+    """``record`` as one line pointing at run.log, where its traceback (or the rest of its
+    text) is, while a run writes one; else ``record`` itself."""
+    log_file = active_run_log()
+    if log_file is None or not (record.exc_info or "\n" in record.getMessage()):
+        return record
+    lines = record.getMessage().splitlines() or [""]
+    text = lines[0]
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None:
+        text += f": {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    short = logging.makeLogRecord(record.__dict__)
+    short.msg, short.args = f"{text} (details in {log_file})", None
+    short.exc_info, short.exc_text, short.stack_info = None, None, None
+    return short
+
+
+class _RichOneLine(RichHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(_one_line(record))
+
+
+class _PlainOneLine(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(_one_line(record))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oiafed`` command; returns the exit code."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "list" and args.name and "=" in args.name:  # not a name: an override
+        extra = [args.name, *extra]
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and args.command == "list"):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
@@ -198,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[_console_handler(console)],
     )
     handlers: dict[str, Any] = {"run": _run, "validate": _validate, "list": _list,
                                 "server": _server, "client": _client}
@@ -217,12 +288,12 @@ def _explain(exc: BaseException, command: str, console: Console) -> None:
     if isinstance(exc, KeyboardInterrupt):
         console.print("[red]interrupted[/red]")
     elif isinstance(exc, InputError):
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     else:
         if not isinstance(exc, OiafedError):
             logger.error("oiafed %s failed", command, exc_info=exc)
-        console.print(f"[red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"[red]failed:[/red] {type(exc).__name__}: {escape(str(exc))}",
+                      highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

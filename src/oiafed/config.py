@@ -89,7 +89,8 @@ class RuntimeConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    """A whole experiment. Every field has a default, so ``{}`` is a valid config."""
+    """A whole experiment. Every field has a default, so ``{}`` is a valid config (an empty
+    YAML file is not: ``read_yaml``)."""
 
     name: str = Field("experiment", min_length=1, pattern=r"^[\w.-]+$")
     seed: int = 0
@@ -129,7 +130,11 @@ def _path(loc: tuple[Any, ...]) -> str:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (a clear error if it is missing or malformed)."""
+    """Read a YAML config file into a dict (a clear error if it is missing, empty or malformed).
+
+    An empty file (or one of comments only) is an error, not a default experiment; a file
+    holding ``{}`` is every default, as is the dict ``{}`` given to ``load_config``.
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -139,8 +144,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}
+    if data is None:  # nothing, or only comments: most likely the wrong file
+        raise ConfigError(f"{file} is empty; write the settings to change (`{{}}` runs every "
+                          "default)")
     if not isinstance(data, dict):
         raise ConfigError(f"{file} must hold a mapping at the top level, got {type(data).__name__}")
     return data
@@ -200,12 +206,24 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError("invalid config: " + "; ".join(problems)) from exc
 
 
-def check_components(cfg: ExperimentConfig) -> None:
-    """Import ``imports``, then check every section's type is registered and its args fit."""
-    registry.import_modules(cfg.imports)
+def check_components(cfg: ExperimentConfig, folder: str | Path | None = None) -> None:
+    """Import ``imports`` (module names also looked for in ``folder``, the config file's, and
+    the working directory), then check every section's type is registered and its args fit."""
+    registry.import_modules(cfg.imports, folder=folder)
     for kind, path, section in cfg.sections():
         target = registry.get(kind, section.type, path=f"{path}.type")
         registry.validate_args(target, section.args, f"{path}.args", INJECTED_ARGS.get(kind, set()))
+
+
+def fill_defaults(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A copy of ``cfg`` whose every component section lists all the arguments its registered
+    type takes, each argument left out set to its constructor default (``config.yaml`` of a
+    run folder: what the run used). It validates and runs the same as ``cfg``."""
+    filled = cfg.model_copy(deep=True)
+    for kind, _, section in filled.sections():
+        target = registry.get(kind, section.type)
+        section.args = registry.with_defaults(target, section.args, INJECTED_ARGS.get(kind, set()))
+    return filled
 
 
 def load_config(
@@ -214,17 +232,23 @@ def load_config(
 ) -> ExperimentConfig:
     """Load, override and validate a config from a YAML path or a dict.
 
+    ``imports`` resolve against the config file's folder (a dict's: the working directory):
+    see ``registry.resolve_imports``.
+
     Raises:
         ConfigError: naming the key path of every problem found.
     """
+    folder: Path | None = None
     if isinstance(source, ExperimentConfig):
         raw = source.model_dump(mode="json")
     elif isinstance(source, dict):
         raw = source
     else:
         raw = read_yaml(source)
+        folder = Path(source).parent
     if overrides:
         raw = apply_overrides(raw, overrides)
     cfg = parse_config(raw)
-    check_components(cfg)
+    cfg.imports = registry.resolve_imports(cfg.imports, folder)
+    check_components(cfg, folder)
     return cfg

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,11 @@ from typing import Any, TypeVar
 
 from oiafed import registry
 from oiafed.callbacks.base import CallbackManager, overrides
-from oiafed.config import ExperimentConfig, load_config
+from oiafed.config import ExperimentConfig, fill_defaults, load_config
 from oiafed.core.trainer import Trainer
 from oiafed.core.types import TrainResult
 from oiafed.data.federated import FederatedSource, build_federated_data
-from oiafed.exceptions import InputError
+from oiafed.exceptions import ConfigError, InputError
 from oiafed.run_folder import CONFIG as CONFIG_FILE
 from oiafed.run_folder import RunFolder
 from oiafed.runtime import create_runtime
@@ -60,6 +62,12 @@ class Experiment:
             index_of=data.index_of,
         )
         return cls(cfg, data, trainer, manager)
+
+
+def model_input(data: FederatedSource) -> dict[str, Any]:
+    """What building the model takes from the data, as ``partition.json`` records it for
+    ``oiafed.load_model``: ``input_shape`` and ``num_classes``."""
+    return {"input_shape": list(data.input_shape), "num_classes": int(data.num_classes)}
 
 
 def _warn_driver_only_hooks(mode: str, callbacks: list[Any]) -> None:
@@ -106,12 +114,14 @@ def run(
             of an uninterrupted run. A config given too must match the saved one.
         callbacks: callback instances to add after the configured ones.
         overrides: ``["trainer.args.rounds=5", ...]`` or ``{"trainer.args.rounds": 5}``.
+            With ``resume``, only keys of ``RESUMABLE_CHANGES`` may change.
 
     Returns:
         The ``TrainResult`` (history, stop reason, final weights, run folder).
 
     Raises:
-        ConfigError: when the config is invalid (nothing is written).
+        ConfigError: when the config is invalid, or a resume override changes a key that
+            would change what the rounds already trained mean (nothing is written).
         InputError: when ``resume`` names no resumable run (nothing is changed).
     """
     if resume is not None:
@@ -124,17 +134,25 @@ def run(
         experiment = Experiment.build(cfg, callbacks)
         folder = RunFolder.create(run_dir, cfg)
         folder.write_config(cfg)
-        folder.write_partition(experiment.data.report())
+        folder.write_partition({"model_input": model_input(experiment.data),
+                                **experiment.data.report()})
     trainer = experiment.trainer
     trainer.recorder = folder
     trainer.run_dir = folder.path
+    first_round = trainer.round_num
+    earlier = folder.wall_time() if resume is not None else 0.0
+    folder.start_log()
     logger.info("run folder: %s", folder.path)
+    started = time.perf_counter()
     try:
         result = run_coroutine(trainer.fit())
     except BaseException as exc:
-        _end_failed(folder, trainer, exc)
+        _end_failed(folder, trainer, exc, earlier + time.perf_counter() - started)
         raise
     result.run_dir = folder.path
+    # A resumed run's wall time adds to the earlier sessions'; one that trained no round
+    # (a finished run resumed as it is) keeps theirs.
+    result.wall_time = earlier + (result.wall_time if trainer.round_num > first_round else 0.0)
     try:
         if not folder.saved_round(trainer.round_num):
             folder.save_state(trainer)
@@ -144,22 +162,30 @@ def run(
     return result
 
 
-def _end_failed(folder: RunFolder, trainer: Trainer, exc: BaseException) -> None:
+def _end_failed(folder: RunFolder, trainer: Trainer, exc: BaseException,
+                wall_time: float) -> None:
     """After a run ended by ``exc``: the state of the last completed round on disk, a summary
     saying why it stopped, and how to resume it in the log."""
     interrupted = isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
     reason = "interrupted" if interrupted else f"failed: {type(exc).__name__}: {exc}"
-    result = trainer.result(stop_reason=reason)
+    result = trainer.result(stop_reason=reason, wall_time=wall_time)
     result.run_dir = folder.path
+    folder.log_failure(exc, reason)
     try:
         folder.save_pending()
     finally:
         folder.close()
+    if result.rounds_completed == 0 and folder.new and not folder.has_state() and folder.discard():
+        return  # a failed start leaves no folder that blocks --run-dir
     folder.write_summary(result)
     if folder.has_state():
         logger.warning("the run %s after round %d; its state is saved in %s: continue it "
                        "with --resume %s", "was interrupted" if interrupted else "failed",
                        result.rounds_completed, folder.path, folder.path)
+    elif folder.checkpoint_every:
+        logger.warning("the run %s after round %d, before its first save; --resume %s starts "
+                       "it again", "was interrupted" if interrupted else "failed",
+                       result.rounds_completed, folder.path)
 
 
 def _resume(
@@ -168,25 +194,87 @@ def _resume(
     """Rebuild a run from its folder and saved state; change nothing on disk until all is read."""
     folder = RunFolder.open(run_dir)
     saved = load_config(folder.path / CONFIG_FILE, overrides)
+    if overrides:
+        check_resume_changes(load_config(folder.path / CONFIG_FILE), saved)
     if config is not None:
         given = load_config(config, overrides)
-        if given != saved:
+        if fill_defaults(given) != fill_defaults(saved):
             raise InputError(f"the config given differs from {folder.path / CONFIG_FILE}; "
                              "resume with no config (or the same one)")
-    state = load_state(folder.path)
+    state = _saved_state(folder, saved)
     folder.use_policy(saved.runtime)
+    if state is None:
+        seed_global_generators(saved.seed)
     experiment = Experiment.build(saved, callbacks)
-    try:
-        experiment.trainer.load_state_dict(state["trainer"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
+    if state is not None:
+        try:
+            experiment.trainer.load_state_dict(state["trainer"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
     history = folder.history_until(experiment.trainer.round_num)
-    if state["trainer"]["history"] is None:
-        experiment.trainer.history = history
-    restore_rng(state["rng"])
+    if state is None:
+        logger.warning("%s has no saved state yet (the run stopped before its first save): "
+                       "it starts again from round 1", folder.path)
+    else:
+        if state["trainer"]["history"] is None:
+            experiment.trainer.history = history
+        restore_rng(state["rng"])
     if overrides:
         folder.write_config(saved)
     return folder, experiment
+
+
+def _saved_state(folder: RunFolder, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The run's saved state, or None for a run stopped before its first save (no state
+    file, no round recorded after the first that saves one): it starts again in place.
+
+    Raises:
+        InputError: when the state is missing but must have been saved (or is corrupt).
+    """
+    every = cfg.runtime.checkpoint_every
+    if not folder.has_state() and every > 0 and all(
+            row.get("round", 0) <= every for row in folder.read_metrics()):
+        return None
+    return load_state(folder.path)
+
+
+RESUMABLE_CHANGES = (
+    "trainer.args.rounds", "trainer.args.min_clients", "trainer.args.round_timeout",
+    "callbacks.*.args", "callbacks.*.args.*", "logging", "logging.*", "console", "console.*",
+    *(f"runtime.{name}" for name in ("mode", "workers", "threads", "checkpoint_every",
+                                     "checkpoint_interval", "address", "min_join",
+                                     "join_timeout", "num_cpus_per_client")),
+)
+"""Config keys a resumed run may change (``fnmatch`` patterns; list items by index): none of
+them changes what the rounds already trained mean."""
+
+
+def check_resume_changes(before: ExperimentConfig, after: ExperimentConfig) -> None:
+    """Refuse overrides of a resumed run that change anything but ``RESUMABLE_CHANGES``.
+
+    Raises:
+        ConfigError: naming the first key changed that is not allowed, and both values.
+    """
+    changes = _changes(fill_defaults(before).model_dump(mode="json"),
+                       fill_defaults(after).model_dump(mode="json"))
+    for key, old, new in changes:
+        if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES):
+            raise ConfigError(
+                f"cannot be changed when resuming ({old!r} -> {new!r}): the rounds already "
+                "trained would mean something else. A resumed run may change only "
+                "trainer.args.rounds, min_clients and round_timeout, callbacks' args and "
+                "runtime options; start a new run for this change", key)
+
+
+def _changes(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` of every value that differs (absent: None)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for name in [*old, *(k for k in new if k not in old)]
+                for change in _changes(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [change for i, (a, b) in enumerate(zip(old, new, strict=True))
+                for change in _changes(a, b, f"{key}.{i}")]
+    return [] if old == new else [(key or "(config)", old, new)]
 
 
 def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:

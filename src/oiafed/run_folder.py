@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-from oiafed.config import ExperimentConfig, RuntimeConfig
+from oiafed.config import ExperimentConfig, RuntimeConfig, fill_defaults
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
@@ -18,10 +21,61 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PARTITION = "partition.json"
+CLIENTS = "clients.jsonl"
+RUN_LOG = "run.log"
+_ROUND_PREFIX = re.compile(rb'\{"round": (\d+)[,}]')
 
 
 def _jsonable(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
+
+
+def _json_default(value: Any) -> Any:
+    """A value ``json`` cannot write as itself: a NumPy or torch scalar's number, else text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+class RunLog(logging.FileHandler):
+    """``run.log``: what the ``oiafed`` logger says during a run (warnings, errors, their
+    tracebacks), plain text, full width; attached for the run's duration."""
+
+    def __init__(self, file: Path) -> None:
+        super().__init__(file, encoding="utf-8")
+        self.setLevel(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        handled = super().handle(record)
+        # Logging's last resort (warnings on stderr when no handler is configured, as in a
+        # plain script or notebook) is skipped once any handler exists: this one must not
+        # silence the console, so it calls the last resort where logging would have.
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level and not self._others(record):
+            last.handle(record)
+        return handled
+
+    def write(self, record: logging.LogRecord) -> None:
+        """Write ``record`` to the file only."""
+        super().handle(record)
+
+    def _others(self, record: logging.LogRecord) -> bool:
+        """Whether a handler besides this one sees ``record`` (what ``Logger.callHandlers``
+        counts before it falls back on the last resort)."""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+
+def active_run_log() -> Path | None:
+    """The ``run.log`` of the run going on in this process, if any (the console can then
+    show one line per error and leave the traceback to the file)."""
+    for handler in logging.getLogger("oiafed").handlers:
+        if isinstance(handler, RunLog):
+            return Path(handler.baseFilename)
+    return None
 
 
 class RunFolder:
@@ -41,6 +95,10 @@ class RunFolder:
         self._pending: tuple[int, Snapshot] | None = None
         self._state_writer = StateWriter(path)
         self._metrics: IO[str] | None = None
+        self._clients: IO[str] | None = None
+        self._log: RunLog | None = None
+        self.new = False  # made by ``create`` for a new run (not a resumed one)
+        self._made_dir = False  # the folder did not exist before (``discard`` removes it)
 
     @classmethod
     def open(cls, run_dir: str | Path) -> RunFolder:
@@ -61,7 +119,8 @@ class RunFolder:
         """Make ``run_dir`` (default ``<output_dir>/<name>-<timestamp>``) for a new run.
 
         Raises:
-            InputError: if the folder already holds a run (nothing in it is touched).
+            InputError: if the folder already holds a run (nothing in it is touched), or
+                cannot be made or written to.
         """
         if run_dir is None:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -74,22 +133,72 @@ class RunFolder:
             path = Path(run_dir)
             if any((path / name).exists() for name in (METRICS, CONFIG, STATE_FILE)):
                 raise InputError(f"{path} already holds a run; choose another --run-dir")
-        path.mkdir(parents=True, exist_ok=True)
+        made = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / RUN_LOG).touch()  # the folder can be written to
+        except OSError as exc:
+            where = "--run-dir" if run_dir is not None else "output_dir"
+            raise InputError(f"cannot write the run folder {path} ({where}): "
+                             f"{exc.strerror or exc}") from None
         folder = cls(path.resolve())
+        folder.new, folder._made_dir = True, made
         folder.use_policy(cfg.runtime)
         return folder
 
+    def start_log(self) -> None:
+        """Write what the ``oiafed`` logger says to ``run.log`` (appended) until ``close``."""
+        if self._log is None:
+            self._log = RunLog(self.path / RUN_LOG)
+            logging.getLogger("oiafed").addHandler(self._log)
+
+    def log_failure(self, exc: BaseException, reason: str) -> None:
+        """Write why the run ended to ``run.log`` only (the console has its own line),
+        with the traceback of an error."""
+        if self._log is None:
+            return
+        interrupted = isinstance(exc, KeyboardInterrupt) or reason == "interrupted"
+        record = logging.LogRecord(
+            "oiafed.run", logging.WARNING if interrupted else logging.ERROR, __file__, 0,
+            "the run ended: %s", (reason,), None if interrupted else (type(exc), exc, exc.__traceback__))
+        self._log.write(record)
+
+    def discard(self) -> bool:
+        """Remove what a run that failed before its first round wrote, so that the folder does
+        not block another run: its files, and the folder if this run made it. Nothing is
+        removed when the folder holds anything else (then it returns False)."""
+        ours = {CONFIG, PARTITION, METRICS, CLIENTS, RUN_LOG, SUMMARY}
+        entries = list(self.path.iterdir())
+        if any(entry.name not in ours or not entry.is_file() for entry in entries):
+            return False
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+        if self._made_dir:
+            self.path.rmdir()
+        return True
+
     def write_config(self, cfg: ExperimentConfig) -> None:
-        atomic_write_text(self.path / CONFIG, cfg.to_yaml())
+        """``config.yaml``: ``cfg`` with every component argument's value, defaults included."""
+        atomic_write_text(self.path / CONFIG, fill_defaults(cfg).to_yaml())
 
     def write_partition(self, report: dict[str, Any]) -> None:
         atomic_write_json(self.path / PARTITION, report)
+
+    def record_clients(self, rows: list[dict[str, Any]]) -> None:
+        """Append a round's client rows to ``clients.jsonl`` (buffered: ``record_round``
+        flushes them with the round's row)."""
+        if self._clients is None:
+            self._clients = open(self.path / CLIENTS, "a", encoding="utf-8")  # noqa: SIM115
+        self._clients.write("".join(json.dumps(row, default=_json_default) + "\n"
+                                    for row in rows))
 
     def record_round(self, trainer: Any, row: dict[str, Any]) -> None:
         if self._metrics is None:
             self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._metrics.flush()  # in the OS's hands: a killed process loses no finished round
+        if self._clients is not None:
+            self._clients.flush()
         round_num = row["round"]
         if not self.checkpoint_every or round_num % self.checkpoint_every:
             return
@@ -122,10 +231,16 @@ class RunFolder:
         self._pending = None
 
     def close(self) -> None:
-        """Close ``metrics.jsonl`` and wait until the last state snapshot is on disk."""
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        """Close ``metrics.jsonl``, ``clients.jsonl`` and ``run.log``, and wait until the last
+        state snapshot is on disk."""
+        for file in (self._metrics, self._clients):
+            if file is not None:
+                file.close()
+        self._metrics = self._clients = None
+        if self._log is not None:
+            logging.getLogger("oiafed").removeHandler(self._log)
+            self._log.close()
+            self._log = None
         self._state_writer.close()
 
     def saved_round(self, round_num: int) -> bool:
@@ -144,7 +259,26 @@ class RunFolder:
             raise InputError(f"cannot resume: {self.path / METRICS} does not hold rounds "
                              f"1..{round_num} once each, as the saved state needs")
         atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
+        self._trim_clients(round_num)
         return rows
+
+    def _trim_clients(self, round_num: int) -> None:
+        """Cut ``clients.jsonl`` after its rows of rounds 1..``round_num`` (rows are in round
+        order; a last line cut short by a kill goes too)."""
+        file = self.path / CLIENTS
+        if not file.exists():
+            return
+        keep = 0
+        with open(file, "rb") as handle:
+            for line in handle:
+                match = _ROUND_PREFIX.match(line)
+                if not line.endswith(b"\n") or (int(match.group(1)) if match else
+                                                 _round_of(line)) > round_num:
+                    break
+                keep += len(line)
+        if keep < file.stat().st_size:
+            with open(file, "r+b") as handle:
+                handle.truncate(keep)
 
     def write_summary(self, result: TrainResult) -> None:
         best = result.best()
@@ -155,9 +289,17 @@ class RunFolder:
             "best_round": best["round"] if best else None,
             "best_metrics": best,
             "final_metrics": result.final_metrics,
-            "callback_errors": len(result.callback_errors),
+            "callback_errors": callback_error_counts(result.callback_errors),
             "wall_time": result.wall_time,
         })
+
+    def wall_time(self) -> float:
+        """The wall time ``summary.json`` records (0 when there is none)."""
+        try:
+            value = json.loads((self.path / SUMMARY).read_text(encoding="utf-8"))["wall_time"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+        return float(value) if isinstance(value, int | float) else 0.0
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The rows of ``metrics.jsonl``."""
@@ -173,3 +315,19 @@ class RunFolder:
                 if i < len(lines) - 1:  # only the last line may be cut short by a kill
                     raise InputError(f"{file} line {i + 1} is not JSON") from None
         return rows
+
+
+def _round_of(line: bytes) -> int:
+    """The ``round`` of a ``clients.jsonl`` line not written by this version (a huge one when
+    it cannot be read: the cut starts there)."""
+    try:
+        value = json.loads(line).get("round")
+    except (ValueError, AttributeError):
+        return 2**62
+    return value if isinstance(value, int) else 2**62
+
+
+def callback_error_counts(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """``summary.json``'s ``callback_errors``: the total and the count by ``callback.hook``."""
+    by_callback = Counter(f"{e.get('callback')}.{e.get('hook')}" for e in errors)
+    return {"total": len(errors), "by_callback": dict(by_callback)}

@@ -44,9 +44,31 @@ __all__ = ["RoundFailed", "RoundRecorder", "SelectionError", "Trainer"]
 
 
 class RoundRecorder(Protocol):
-    """Receives each round's history row as soon as the round ends (the run folder)."""
+    """Receives each round's history row as soon as the round ends (the run folder). One
+    with a ``record_clients(rows)`` method also gets, before it, a ``client_row`` for each
+    client sampled in the round."""
 
     def record_round(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+
+
+def client_row(round_num: int, outcome: Outcome, problem: str | None) -> dict[str, Any]:
+    """One sampled client in one round: ``round``, ``client_id``, then ``num_samples`` and
+    the update's metrics (``accuracy``, ``loss``, ``time``, ...) when it sent one, and the last
+    line of ``problem`` as ``error`` when it was left out."""
+    row: dict[str, Any] = {"round": round_num, "client_id": outcome.client_id}
+    if isinstance(outcome, ClientUpdate):
+        row["num_samples"] = outcome.num_samples
+        row.update(outcome.metrics)
+        # A metric of these names must not replace them (the keys keep their places).
+        row.update(round=round_num, client_id=outcome.client_id, num_samples=outcome.num_samples)
+    if problem is not None:
+        row["error"] = _last_line(problem)
+    return row
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no update"
 
 
 @register("trainer.default")
@@ -164,7 +186,19 @@ class Trainer:
         self.config = config
         self.recorder = recorder
         self._index_of = index_of or self._position
+        self._warn_clamped()
         return self
+
+    def _warn_clamped(self) -> None:
+        """A warning for a sample size this federation cannot give as set (likely a mistake)."""
+        total = len(self.client_ids)
+        if self.clients_per_round is not None and self.clients_per_round > total:
+            logger.warning("trainer.args.clients_per_round is %d but the federation has %d "
+                           "clients (data.num_clients): each round samples all %d",
+                           self.clients_per_round, total, total)
+        elif self.fraction is not None and round(self.fraction * total) < 1:
+            logger.warning("trainer.args.fraction %g of %d clients rounds to 0: each round "
+                           "samples 1 client", self.fraction, total)
 
     def _position(self, client_id: str) -> int:
         if self._positions is None:
@@ -311,14 +345,23 @@ class Trainer:
             [o.weights for i in well_formed if isinstance(o := outcomes[i], ClientUpdate)])
         for i, problem in zip(well_formed, value_problems, strict=True):
             problems[i] = problem
+        record_clients = getattr(self.recorder, "record_clients", None)
+        if record_clients is not None:
+            record_clients([client_row(round_num, outcome, problem)
+                            for outcome, problem in zip(outcomes, problems, strict=True)])
         accepted, rejected = [], []
         for outcome, problem in zip(outcomes, problems, strict=True):
             if problem is None and isinstance(outcome, ClientUpdate):
                 accepted.append(outcome)
                 continue
             problem = problem or "no update"
-            rejected.append(f"{outcome.client_id}: {problem.strip().splitlines()[-1]}")
-            logger.warning("round %d: left out %s: %s", round_num, outcome.client_id, problem)
+            last = _last_line(problem)
+            rejected.append(f"{outcome.client_id}: {last}")
+            # The reason first, on the first line; a traceback after it (the console shows
+            # the first line while a run log takes the rest).
+            detail = f"\n{problem.rstrip()}" if problem.strip() != last else ""
+            logger.warning("round %d: left out %s: %s%s", round_num, outcome.client_id, last,
+                           detail)
             await self.callbacks.on_client_failure(self, outcome.client_id, problem)
         if len(accepted) < self.min_clients:
             raise RoundFailed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -139,11 +140,15 @@ class ClientWorker:
         return data
 
     async def train(self, task: RoundTask, client: ClientTask) -> ClientUpdate:
-        """Train ``client`` from ``task``; return its update."""
-        return await self.learner.fit(
+        """Train ``client`` from ``task``; return its update, whose metrics hold ``time``: the
+        seconds the learner's ``fit`` took (unless the learner put its own there)."""
+        started = time.perf_counter()
+        update = await self.learner.fit(
             client.client_id, task.weights, self.client_data(client.client_id),
             round_num=task.round_num, seed=client.seed, config=task.config,
         )
+        update.metrics.setdefault("time", time.perf_counter() - started)
+        return update
 
     def execute(self, round_data: bytes | bytearray | memoryview,
                 client_data: bytes | bytearray | memoryview) -> TaskReply:

@@ -76,6 +76,9 @@ class GrpcRuntime(Runtime):
         try:
             await self._listen()
             total = len(spec.client_ids)
+            if self.min_join is not None and self.min_join > total:
+                logger.warning("runtime.min_join is %d but the federation has %d clients "
+                               "(data.num_clients): waiting for %d", self.min_join, total, total)
             await self._await_joins(min(total if self.min_join is None else self.min_join, total))
         except BaseException:
             await self._shutdown(ok=False, reason="the server could not start")
