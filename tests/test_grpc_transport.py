@@ -67,7 +67,7 @@ def make_trainer(num_clients: int = 2, **args: Any) -> Trainer:
     trainer = Trainer(rounds=5, **args)
     trainer.client_ids = [f"client_{i}" for i in range(num_clients)]
     trainer.callbacks = CallbackManager([Recorder()])
-    trainer.recorder = trainer.callbacks.callbacks[0]
+    trainer.seen = trainer.callbacks.callbacks[0]  # the Recorder, for the assertions
     return trainer
 
 
@@ -95,7 +95,7 @@ class Served:
 
     async def train(self, round_num: int, client_ids: list[str], weights: Weights,
                     config: dict[str, Any]) -> list[Outcome]:
-        self.trainer.recorder.joins += self.runtime.take_joins()
+        self.trainer.seen.joins += self.runtime.take_joins()
         timeout = self.trainer.round_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         return await self.runtime.train(RoundTask(round_num, weights, config),
@@ -223,7 +223,7 @@ def test_weights_larger_than_the_message_limit_arrive_bit_for_bit_and_back():
     assert torch.equal(task.weights["big"], weights["big"])
     # The server said the run is over (not completed: this trainer ran no round of its own).
     assert client.error is None and client.result == Finished(False, "the run stopped in round 0")
-    assert trainer.recorder.joins == ["client_0"]  # reported as the round started
+    assert trainer.seen.joins == ["client_0"]  # reported as the round started
 
 
 def free_port() -> int:
@@ -244,7 +244,7 @@ def test_start_waits_for_min_join_and_join_hooks_fire_in_the_trainer_flow():
         assert not starting.done()  # nobody joined yet
         clients = [ClientThread(port, f"client_{i}", echo(f"client_{i}")) for i in range(3)]
         await starting
-        assert trainer.recorder.joins == []  # not while the trainer is busy elsewhere
+        assert trainer.seen.joins == []  # not while the trainer is busy elsewhere
         outcomes = await runtime.train(1, ["client_2", "client_0"], WEIGHTS, {})
         await runtime.close()
         for client in clients:
@@ -253,7 +253,7 @@ def test_start_waits_for_min_join_and_join_hooks_fire_in_the_trainer_flow():
 
     outcomes = run(scenario())
     assert [o.client_id for o in outcomes] == ["client_2", "client_0"]
-    assert sorted(trainer.recorder.joins) == ["client_0", "client_1", "client_2"]
+    assert sorted(trainer.seen.joins) == ["client_0", "client_1", "client_2"]
 
 
 # -- security -------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_a_wrong_or_missing_token_is_refused_and_never_joins(token, caplog):
     assert "missing or wrong token" in str(client.error) and "UNAUTHENTICATED" in str(client.error)
     assert client.client.connections == 0 and sessions == {}
     assert outcomes == [ClientFailure("client_0", "not connected", "disconnected")]
-    assert trainer.recorder.joins == []
+    assert trainer.seen.joins == []
     assert "refused a connection from ipv4:127.0.0.1" in caplog.text
 
 
@@ -490,7 +490,7 @@ def test_bad_updates_are_rejected_and_left_out_of_the_round(caplog):
     _, accepted = run(scenario())
     assert [u.client_id for u in accepted] == ["client_0"]
     assert torch.equal(accepted[0].weights["w"], reference["w"] + 1)
-    failures = dict(trainer.recorder.failures)
+    failures = dict(trainer.seen.failures)
     assert set(failures) == {"client_1", "client_2", "client_3"}
     assert "w is (3, 5) torch.float32, expected (5, 3) torch.float32" in failures["client_1"]
     assert "w holds non-finite values" in failures["client_2"]
@@ -624,7 +624,7 @@ def test_below_quorum_a_round_waits_for_clients_to_come_back_until_its_deadline(
 
     outcomes = run(scenario())
     assert all(isinstance(o, ClientUpdate) for o in outcomes)
-    assert trainer.recorder.joins == ["client_0", "client_1"]
+    assert trainer.seen.joins == ["client_0", "client_1"]
 
     quick = make_trainer(2, round_timeout=0.3, min_clients=2)
 

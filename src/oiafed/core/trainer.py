@@ -44,9 +44,10 @@ __all__ = ["RoundFailed", "RoundRecorder", "SelectionError", "Trainer"]
 
 
 class RoundRecorder(Protocol):
-    """Receives each round's history row as soon as the round ends (the run folder). One
-    with a ``record_clients(rows)`` method also gets, before it, a ``client_row`` for each
-    client sampled in the round."""
+    """Receives what each round did as soon as it is known (the run folder): a ``client_row``
+    for each client sampled in the round, then the round's history row."""
+
+    def record_clients(self, rows: list[dict[str, Any]]) -> None: ...
 
     def record_round(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
 
@@ -345,10 +346,10 @@ class Trainer:
             [o.weights for i in well_formed if isinstance(o := outcomes[i], ClientUpdate)])
         for i, problem in zip(well_formed, value_problems, strict=True):
             problems[i] = problem
-        record_clients = getattr(self.recorder, "record_clients", None)
-        if record_clients is not None:
-            record_clients([client_row(round_num, outcome, problem)
-                            for outcome, problem in zip(outcomes, problems, strict=True)])
+        if self.recorder is not None:
+            self.recorder.record_clients([client_row(round_num, outcome, problem)
+                                          for outcome, problem in zip(outcomes, problems,
+                                                                      strict=True)])
         accepted, rejected = [], []
         for outcome, problem in zip(outcomes, problems, strict=True):
             if problem is None and isinstance(outcome, ClientUpdate):
