@@ -17,9 +17,11 @@ import sys
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 
-PRELOAD = ["oiafed.cli", "oiafed.runtime.parallel.worker", "oiafed.runtime.grpc.client",
-           "torch._dynamo", "sklearn.model_selection"]
-"""Modules the forkserver imports once for every process forked from it."""
+PRELOAD = ["oiafed.callbacks", "oiafed.runtime.parallel.worker", "oiafed.runtime.grpc.client",
+           "rich.logging", "torch._dynamo", "sklearn.model_selection"]
+"""Modules the forkserver imports once for every process forked from it. Not ``oiafed.cli``:
+under ``python -m oiafed.cli`` the forkserver runs it as its main module, and runpy warns
+when it was imported before."""
 
 
 def context() -> BaseContext:
