@@ -182,21 +182,22 @@ class StateWriter:
                 self._executor = None
 
 
-def load_state(run_dir: Path) -> dict[str, Any]:
-    """Read and check the state file; a clear ``InputError`` if it is missing or broken."""
+def load_state(run_dir: Path, why: str = "cannot resume") -> dict[str, Any]:
+    """Read and check the state file; a clear ``InputError`` (starting with ``why``) if it is
+    missing or broken."""
     file = run_dir / STATE_FILE
     if not file.is_file():
-        raise InputError(f"cannot resume: {file} does not exist (checkpoint_every 0, or the "
-                         "run stopped before its first save, checkpoint_interval seconds in)")
+        raise InputError(f"{why}: {file} does not exist (checkpoint_every 0, or the run "
+                         "stopped before its first save)")
     try:
         state = decode_state(file.read_bytes())
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot resume: {file} is unreadable or corrupt ({exc})") from exc
+        raise InputError(f"{why}: {file} is unreadable or corrupt ({exc})") from exc
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
-        raise InputError(f"cannot resume: {file} is not an oiafed state file of version "
+        raise InputError(f"{why}: {file} is not an oiafed state file of version "
                          f"{FORMAT_VERSION}")
     trainer = state.get("trainer")
     missing = [key for key in REQUIRED if not isinstance(trainer, dict) or key not in trainer]
     if missing or "rng" not in state:
-        raise InputError(f"cannot resume: {file} lacks {', '.join(missing) or 'rng'}")
+        raise InputError(f"{why}: {file} lacks {', '.join(missing) or 'rng'}")
     return state

@@ -12,16 +12,19 @@ from torch import nn
 from oiafed import registry
 from oiafed.callbacks.model_checkpoint import BEST as BEST_FILE
 from oiafed.config import ExperimentConfig, load_config
+from oiafed.device import resolve_device
 from oiafed.exceptions import InputError
 from oiafed.run_folder import CONFIG, PARTITION
-from oiafed.state import STATE_FILE, decode_state
+from oiafed.state import STATE_FILE, load_state
 
 WHICH = ("best", "last", "final")
 
 
-def load_model(run_dir: str | Path, which: str = "final") -> nn.Module:
+def load_model(run_dir: str | Path, which: str = "final",
+               device: str | torch.device = "cpu") -> nn.Module:
     """The model of the run in ``run_dir``, built as the run built it, with saved weights, in
-    eval mode.
+    eval mode, on ``device`` (``cpu`` by default, whatever the run trained on; ``auto``,
+    ``cuda``, ``cuda:N``, ``mps`` as in a config).
 
     Args:
         run_dir: a run folder.
@@ -33,12 +36,14 @@ def load_model(run_dir: str | Path, which: str = "final") -> nn.Module:
     Raises:
         InputError: when ``run_dir`` is not a run folder, ``which`` is unknown, or the weights
             asked for were not saved (naming the file missing and why), or do not fit.
+        ConfigError: for a ``device`` not available here.
 
     Example:
         >>> model = oiafed.load_model("runs/try")
         >>> predictions = model(x).argmax(dim=1)
     """
     folder = Path(run_dir)
+    target = resolve_device(device, "device")
     if not (folder / CONFIG).is_file():
         raise InputError(f"{folder} is not a run folder (no {CONFIG})")
     if which not in WHICH:
@@ -54,7 +59,7 @@ def load_model(run_dir: str | Path, which: str = "final") -> nn.Module:
     except (RuntimeError, TypeError, ValueError) as exc:
         raise InputError(f"the {which} weights of {folder} do not fit the model its "
                          f"{CONFIG} describes ({exc})") from exc
-    return model.eval()
+    return model.to(target).eval()
 
 
 def _build(folder: Path, cfg: ExperimentConfig) -> nn.Module:
@@ -82,17 +87,9 @@ def _model_input(folder: Path) -> dict[str, Any] | None:
 
 
 def _state_weights(folder: Path, cfg: ExperimentConfig, *, final: bool) -> dict[str, Any]:
-    file = folder / STATE_FILE
-    if not file.is_file():
-        raise InputError(f"no saved weights in {folder}: {file.name} does not exist "
-                         "(runtime.checkpoint_every 0 saves none)")
-    try:
-        state = decode_state(file.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{file} is unreadable or corrupt ({exc})") from exc
-    trainer = state.get("trainer") if isinstance(state, dict) else None
-    if not isinstance(trainer, dict) or not isinstance(trainer.get("weights"), dict):
-        raise InputError(f"{file} holds no model weights")
+    trainer = load_state(folder, "no saved weights")["trainer"]
+    if not isinstance(trainer.get("weights"), dict):
+        raise InputError(f"{folder / STATE_FILE} holds no model weights")
     if final:
         rounds = getattr(registry.build("trainer", cfg.trainer.model_dump(), "trainer"),
                          "rounds", None)
