@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="train on the whole configured dataset (a local one) instead of "
                                  "the partition computed from the seed")
     client_cmd.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    client_cmd.add_argument("--device", metavar="DEVICE",
+                            help="this client's device: auto, cpu, cuda, cuda:N or mps "
+                                 "(sets runtime.device; default: the config's)")
     client_cmd.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
                             help="give up after this long without reaching the server (default 300)")
     return parser
@@ -166,7 +169,10 @@ def _client(args: argparse.Namespace, console: Console) -> int:
     security = ClientSecurity.from_options(
         token_file=args.token_file, no_token=args.no_token, tls_ca=args.tls_ca,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_server_name=args.tls_server_name)
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"runtime.device={json.dumps(args.device)}")
+    cfg = load_config(args.config, overrides)
     logging.getLogger("oiafed.runtime.grpc").setLevel(logging.INFO)
     try:
         finished = run_client(cfg, server=args.server, client_id=args.client_id, security=security,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from oiafed import registry
 from oiafed.exceptions import ConfigError
@@ -20,6 +21,18 @@ INJECTED_ARGS = {"model": {"input_shape", "num_classes"},
                  "dataset": {"seed", "num_clients", "test_fraction"}}
 """Arguments oiafed passes to components itself (never set in a config). A dataset always gets
 ``seed``, and ``num_clients``/``test_fraction`` (from ``data``) when its signature names them."""
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+"""The device names a config may give (``device``, ``runtime.device``)."""
+
+
+def check_device_name(value: str) -> str:
+    """``value`` when it is a device name a config may give (else a ValueError, which the
+    schema reports naming the key)."""
+    if not isinstance(value, str) or not DEVICE_PATTERN.match(value):
+        raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+    return value
 
 
 class _Strict(BaseModel):
@@ -86,6 +99,18 @@ class RuntimeConfig(_Strict):
     """grpc: seconds the server waits for them (default: no limit; 300 on loopback)."""
     num_cpus_per_client: float = Field(1.0, gt=0)
     """ray: CPUs reserved by each actor."""
+    num_gpus_per_client: float = Field(0.0, ge=0)
+    """ray: GPUs reserved by each actor (fractional: several actors share a GPU)."""
+    device: str | None = None
+    """The learners' device (default: the top-level ``device``); parallel: workers share the
+    visible GPUs round-robin when it is ``cuda`` (or ``auto`` on a CUDA machine)."""
+    resident: bool = False
+    """Keep the clients' cached data on the learners' device between rounds."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        return value if value is None else check_device_name(value)
 
 
 class ExperimentConfig(_Strict):
@@ -104,6 +129,24 @@ class ExperimentConfig(_Strict):
     aggregator: AggregatorSection = Field(default_factory=AggregatorSection)
     callbacks: list[Component] = Field(default_factory=list)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    device: str = "auto"
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
+    the server's (global model, evaluation, aggregation) and the learners' device."""
+    precision: Literal["32", "bf16", "16-mixed"] = "32"
+    """Training precision: ``bf16`` autocast (CPU or GPU), ``16-mixed`` (CUDA: float16
+    autocast and a gradient scaler)."""
+    deterministic: bool = False
+    """Deterministic algorithms only, in every process that trains (``device.py``)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device_name(value)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     def sections(self) -> list[tuple[str, str, Component | DataConfig]]:
         """Every component section as ``(kind, key path, section)``."""
@@ -201,7 +244,8 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
     except pydantic.ValidationError as exc:
         problems = []
         for err in exc.errors():
-            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            message = ("unknown key" if err["type"] == "extra_forbidden"
+                       else err["msg"].removeprefix("Value error, "))
             problems.append(f"{_path(err['loc'])}: {message}")
         raise ConfigError("invalid config: " + "; ".join(problems)) from exc
 

@@ -18,6 +18,13 @@ from oiafed.config import ExperimentConfig, fill_defaults, load_config
 from oiafed.core.trainer import Trainer
 from oiafed.core.types import TrainResult
 from oiafed.data.federated import FederatedSource, build_federated_data
+from oiafed.device import (
+    apply_determinism,
+    check_precision,
+    learner_device_name,
+    record,
+    resolve_device,
+)
 from oiafed.exceptions import ConfigError, InputError
 from oiafed.run_folder import CONFIG as CONFIG_FILE
 from oiafed.run_folder import RunFolder
@@ -41,14 +48,33 @@ class Experiment:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, extra_callbacks: list[Any] | None = None) -> Experiment:
+        """Build the run's parts. Devices are checked first: ``device`` (the server's) and,
+        for learners on this machine (serial, parallel), ``runtime.device`` and ``precision``.
+
+        Raises:
+            ConfigError: naming the key, for a device not available here.
+        """
+        server = resolve_device(cfg.device)
+        learners_here = cfg.runtime.mode in ("serial", "parallel")
+        if learners_here:
+            key = "runtime.device" if cfg.runtime.device else "device"
+            check_precision(cfg.precision, resolve_device(learner_device_name(cfg), key))
+        apply_determinism(cfg.deterministic)
         data = build_federated_data(cfg.data, cfg.seed)
         model = build_model(cfg, data)
         manager = CallbackManager([*build_callbacks(cfg), *(extra_callbacks or [])],
                                   strict=cfg.strict)
         if cfg.runtime.mode != "serial":
             _warn_driver_only_hooks(cfg.runtime.mode, extra_callbacks or [])
-        worker = ClientWorker.from_config(cfg, callbacks=manager, data=data, model=model)
+        if cfg.runtime.mode == "serial":
+            worker = ClientWorker.from_config(cfg, callbacks=manager, data=data, model=model)
+        else:  # the driver's worker does not train: on the CPU, whatever the learners use
+            worker = ClientWorker.from_config(cfg.model_copy(update={"precision": "32"}),
+                                              callbacks=manager, data=data, model=model,
+                                              device="cpu")
+        model.to(server)
         trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
+        trainer.device = server
         trainer.fit_config["lr"] = worker.learner.lr
         trainer.bind(
             model=model,
@@ -137,6 +163,7 @@ def run(
         folder.write_partition({"model_input": model_input(experiment.data),
                                 **experiment.data.report()})
     trainer = experiment.trainer
+    folder.device = record(experiment.config, trainer.device)
     trainer.recorder = folder
     trainer.run_dir = folder.path
     first_round = trainer.round_num
@@ -243,7 +270,9 @@ RESUMABLE_CHANGES = (
     "callbacks.*.args", "callbacks.*.args.*", "logging", "logging.*", "console", "console.*",
     *(f"runtime.{name}" for name in ("mode", "workers", "threads", "checkpoint_every",
                                      "checkpoint_interval", "address", "min_join",
-                                     "join_timeout", "num_cpus_per_client")),
+                                     "join_timeout", "num_cpus_per_client",
+                                     "num_gpus_per_client", "device", "resident")),
+    "device", "deterministic",
 )
 """Config keys a resumed run may change (``fnmatch`` patterns; list items by index): none of
 them changes what the rounds already trained mean."""

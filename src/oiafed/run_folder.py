@@ -90,6 +90,7 @@ class RunFolder:
         self.path = path
         self.checkpoint_every = 1  # until ``use_policy``
         self.checkpoint_interval = 0.0
+        self.device: dict[str, Any] | None = None  # summary.json's "device" (``device.record``)
         self._saved_round: int | None = None
         self._saved_at = time.monotonic()
         self._pending: tuple[int, Snapshot] | None = None
@@ -291,6 +292,7 @@ class RunFolder:
             "final_metrics": result.final_metrics,
             "callback_errors": callback_error_counts(result.callback_errors),
             "wall_time": result.wall_time,
+            **({"device": self.device} if self.device is not None else {}),
         })
 
     def wall_time(self) -> float:

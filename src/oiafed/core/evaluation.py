@@ -9,8 +9,10 @@ from torch.nn import functional as F
 from oiafed.data.arrays import ArrayDataset
 
 
-def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024) -> dict[str, float]:
-    """Mean cross-entropy ``loss`` and ``accuracy`` of ``model`` on ``data``."""
+def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Mean cross-entropy ``loss`` and ``accuracy`` of ``model`` on ``data``; on ``device``
+    (where ``model`` is) when given, each batch moved there (default: where the data is)."""
     if len(data) == 0:
         return {"accuracy": float("nan"), "loss": float("nan")}
     was_training = model.training
@@ -21,6 +23,8 @@ def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024) -> di
         for start in range(0, len(data), batch_size):
             x = data.x[start:start + batch_size]
             y = data.y[start:start + batch_size]
+            if device is not None and x.device != device:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += int((logits.argmax(dim=1) == y).sum())

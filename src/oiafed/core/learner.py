@@ -13,6 +13,7 @@ from oiafed.client_state import ClientStateStore
 from oiafed.core.types import ClientUpdate, Weights
 from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
+from oiafed.device import CPU, autocast, check_precision
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
@@ -26,6 +27,11 @@ class Learner:
     One learner object serves many clients in turn: ``client_id``, ``optimizer`` and
     ``round_num`` describe the client being trained. Callbacks may read and change
     ``learner.model`` and ``learner.optimizer`` (its learning rate, say) from epoch hooks.
+
+    Device and precision: ``place`` (called by the ``ClientWorker`` from the config's
+    ``device``/``runtime.device`` and ``precision``) moves the model to ``learner.device``;
+    each ``fit`` moves the client's data there once (not per batch; data already there, as
+    with ``runtime.resident``, is not moved) and returns CPU weights.
 
     Per-client state: with ``client_state: true``, ``learner.client_state`` is the dict of the
     client being trained (tensors and JSON-able values, empty the first time), loaded from
@@ -95,6 +101,22 @@ class Learner:
         self.state_store = (ClientStateStore(client_state_memory, client_state_dir)
                             if client_state else None)
         self.client_state: dict[str, Any] | None = None
+        self.device: torch.device = CPU
+        self.precision = "32"
+        self._scaler: torch.amp.GradScaler | None = None
+
+    def place(self, device: torch.device, precision: str = "32") -> None:
+        """Train on ``device`` in ``precision`` (``32``, ``bf16``, ``16-mixed``): the model
+        moves there now (after ``setup``).
+
+        Raises:
+            ConfigError: for ``16-mixed`` on a device other than CUDA.
+        """
+        check_precision(precision, device)
+        self.device, self.precision = device, precision
+        self._scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
+        if self.model is not None and device != CPU:
+            self.model.to(device)
 
     def setup(self, model: nn.Module, callbacks: CallbackManager) -> None:
         """Give the learner its own model object and the callbacks its epoch hooks run."""
@@ -151,6 +173,8 @@ class Learner:
         # accelerator backend, which costs ~0.3 ms per client.
         torch.default_generator.manual_seed(seed)
         metrics: dict[str, float] = {"accuracy": float("nan"), "loss": float("nan")}
+        if data.x.device != self.device:  # once per fit; resident data is already there
+            data = ArrayDataset(data.x.to(self.device), data.y.to(self.device), data.num_classes)
         hooks = self.callbacks
         for epoch in range(1, self.epochs + 1):
             if hooks.implements("on_epoch_start"):
@@ -160,7 +184,11 @@ class Learner:
                 await hooks.on_epoch_end(self, epoch, metrics)
         if store is not None and self.client_state is not None:
             store.put(client_id, self.client_state)
-        new_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.device == CPU:
+            new_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:  # updates cross process boundaries as CPU tensors
+            new_weights = {k: v.detach().to(CPU, copy=True)
+                           for k, v in self.model.state_dict().items()}
         return ClientUpdate(client_id, len(data), dict(metrics), new_weights)
 
     def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
@@ -172,7 +200,9 @@ class Learner:
         n = len(data)
         if n == 0:
             return {"accuracy": float("nan"), "loss": float("nan")}
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator)  # on the CPU: the same on every device
+        if self.device != CPU or self.precision != "32":
+            return self._train_epoch_on_device(data, order)
         loss_sum, correct = 0.0, 0
         for start in range(0, n, size):
             index = order[start:start + size]
@@ -186,3 +216,30 @@ class Learner:
             loss_sum += loss.item() * len(index)
             correct += (logits.argmax(dim=1) == y).sum().item()
         return {"accuracy": correct / n, "loss": loss_sum / n}
+
+    def _train_epoch_on_device(self, data: ArrayDataset, order: torch.Tensor) -> dict[str, float]:
+        """``train_epoch`` on an accelerator or in reduced precision: sums stay on the
+        device (no sync per batch), autocast and, for 16-mixed, a gradient scaler."""
+        model, optimizer, size = self._require_model(), self.optimizer, self.batch_size
+        assert optimizer is not None
+        n, scaler = len(data), self._scaler
+        order = order.to(data.x.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=data.x.device)
+        correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
+        for start in range(0, n, size):
+            index = order[start:start + size]
+            x, y = data.x[index], data.y[index]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(self.precision, self.device):
+                logits = model(x)
+                loss = self.loss(logits, y)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            loss_sum += loss.detach().double() * len(index)
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+        return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}

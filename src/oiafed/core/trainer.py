@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
 from oiafed.callbacks.base import CallbackManager
@@ -87,7 +88,9 @@ class Trainer:
 
     Also there for callbacks: ``model`` (the global model), ``round_num``, ``rounds``,
     ``client_ids``, ``config`` (the ``ExperimentConfig``), ``history`` and ``run_dir``
-    (the run folder, where relative paths of callbacks resolve; None outside ``run``).
+    (the run folder, where relative paths of callbacks resolve; None outside ``run``), and
+    ``device``: where the global model lives, is evaluated and aggregated (the config's
+    ``device``; the clients' updates are moved there before aggregation).
 
     Args:
         rounds: number of rounds.
@@ -141,6 +144,7 @@ class Trainer:
         self.fit_config: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.model: nn.Module = nn.Module()  # the global model, from ``bind``
+        self.device = torch.device("cpu")
         self.aggregator: Aggregator | None = None
         self.runtime: Runtime | None = None
         self.callbacks = CallbackManager()
@@ -260,7 +264,7 @@ class Trainer:
             stop_reason=stop_reason or self._stop_reason(),
             stopped_by=self.stopped_by if self.should_stop else None,
             callback_errors=[e.to_dict() for e in self.callbacks.errors],
-            weights=self.model.state_dict(),
+            weights={k: v.cpu() for k, v in self.model.state_dict().items()},
             wall_time=wall_time,
         )
 
@@ -302,6 +306,10 @@ class Trainer:
         for client_id in runtime.take_joins():
             await self.callbacks.on_client_join(self, client_id)
         updates = await self.accept(round_num, outcomes, global_weights)
+        if self.device.type != "cpu":
+            for update in updates:
+                update.weights = {k: v.to(self.device, non_blocking=True)
+                                  for k, v in update.weights.items()}
         await self.callbacks.on_aggregate_start(self, updates)
         weights = aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
@@ -324,7 +332,7 @@ class Trainer:
         metrics = self.train_metrics(updates)
         if self.test_data is not None and (round_num % self.eval_every == 0
                                            or round_num == self.rounds):
-            metrics.update(evaluate(self.model, self.test_data))
+            metrics.update(evaluate(self.model, self.test_data, device=self.device))
         metrics["round_time"] = time.perf_counter() - started
         return metrics
 

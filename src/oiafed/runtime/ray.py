@@ -8,7 +8,9 @@ Install the extra: ``pip install 'oiafed[ray]'``. Ray is imported when a ray run
   (``ray.init(...)`` called by the user, with a ``runtime_env`` say), that connection is used
   and left open.
 * ``runtime.workers`` actors (default: the cluster's CPUs / ``runtime.num_cpus_per_client``,
-  at most the clients sampled per round), each reserving ``num_cpus_per_client`` CPUs. Each
+  at most the clients sampled per round), each reserving ``num_cpus_per_client`` CPUs and
+  ``num_gpus_per_client`` GPUs (fractional, default 0; the learners' ``device`` is resolved
+  in each actor, where Ray has set ``CUDA_VISIBLE_DEVICES`` to its GPU). Each
   actor builds a ``ClientWorker`` from the config (sent as JSON) and keeps it for the run;
   the configured callbacks' epoch hooks run in the actors.
 
@@ -43,7 +45,7 @@ from oiafed.runtime.envelope import encode_client, encode_round
 from oiafed.runtime.parallel.driver import STARTUP_TIMEOUT
 from oiafed.runtime.worker import ClientWorker
 
-__all__ = ["RayRuntime", "create", "import_ray"]
+__all__ = ["RayRuntime", "actor_options", "create", "import_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,13 @@ def create(cfg: ExperimentConfig, worker: ClientWorker) -> RayRuntime:
     """The Ray runtime for ``cfg`` (Ray itself is imported and started in ``start``)."""
     import_ray()  # fail before anything runs when Ray is missing
     return RayRuntime(cfg)
+
+
+def actor_options(runtime: Any) -> dict[str, Any]:
+    """The options of each actor: ``num_cpus_per_client`` CPUs, ``num_gpus_per_client`` GPUs
+    (fractional: Ray packs actors onto a GPU and sets their ``CUDA_VISIBLE_DEVICES``)."""
+    return {"num_cpus": runtime.num_cpus_per_client, "num_gpus": runtime.num_gpus_per_client,
+            "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1}
 
 
 class ClientActor:
@@ -139,13 +148,15 @@ class RayRuntime(Runtime):
         if not ray.is_initialized():
             self._init_ray()  # in this thread: Ray installs signal handlers in the main one
         per_client = self.cfg.runtime.num_cpus_per_client
+        gpus = self.cfg.runtime.num_gpus_per_client
         count = self.cfg.runtime.workers
         if count is None:
             cpus = ray.cluster_resources().get("CPU", 1.0)
             count = max(1, int(cpus // per_client))
+            if gpus > 0:
+                count = min(count, max(1, int(ray.cluster_resources().get("GPU", 0.0) // gpus)))
         count = max(1, min(count, spec.num_sampled))
-        self._actor_class = ray.remote(ClientActor).options(
-            num_cpus=per_client, max_restarts=0, max_task_retries=0, max_concurrency=1)
+        self._actor_class = ray.remote(ClientActor).options(**actor_options(self.cfg.runtime))
         try:
             for _ in range(count):
                 self._spawn()

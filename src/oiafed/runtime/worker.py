@@ -28,7 +28,8 @@ from oiafed.core.learner import Learner
 from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
-from oiafed.exceptions import InputError
+from oiafed.device import CPU, apply_determinism, learner_device_name, resolve_device
+from oiafed.exceptions import ConfigError, InputError
 from oiafed.runtime.envelope import decode_client, decode_round, pack_update
 from oiafed.runtime.tensors import Payload
 from oiafed.seeding import INIT, derive_seed
@@ -56,6 +57,10 @@ def _nbytes(data: ArrayDataset) -> int:
     return data.x.nelement() * data.x.element_size() + data.y.nelement() * data.y.element_size()
 
 
+def _moved(data: ArrayDataset, device: torch.device) -> ArrayDataset:
+    return ArrayDataset(data.x.to(device), data.y.to(device), data.num_classes)
+
+
 @dataclass(frozen=True)
 class TaskReply:
     """What ``ClientWorker.execute`` gives back: the update (an envelope ``Payload``, written
@@ -72,14 +77,19 @@ class ClientWorker:
     For a partitioned pool, recently trained clients' datasets stay cached (up to
     ``DATA_CACHE_BYTES`` in all), so nothing is copied again for a client sampled again;
     on-demand sources keep their own bounded cache. With ``local`` (a gRPC client's
-    ``--local-data``), every client id trains on that one dataset.
+    ``--local-data``), every client id trains on that one dataset. With ``resident``, the
+    cached datasets are kept on the learner's device (moved there once, not every round).
     """
 
     def __init__(self, learner: Learner, data: FederatedSource | None,
-                 local: ArrayDataset | None = None) -> None:
+                 local: ArrayDataset | None = None, resident: bool = False) -> None:
         self.learner = learner
         self.data = data
         self.local = local
+        device = getattr(learner, "device", CPU)
+        self.resident_on: torch.device | None = device if resident and device != CPU else None
+        if local is not None and self.resident_on is not None:
+            self.local = _moved(local, self.resident_on)
         self._cache: OrderedDict[str, ArrayDataset] = OrderedDict()
         self._cache_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,13 +105,20 @@ class ClientWorker:
         data: FederatedSource | None = None,
         model: nn.Module | None = None,
         local_data: bool = False,
+        device: str | torch.device | None = None,
     ) -> ClientWorker:
         """Build a worker; without ``callbacks`` it builds the configured ones itself. With
         ``local_data``, the configured dataset is loaded whole and trained on by every client.
+        The learner trains on ``device`` (default: ``runtime.device``, else ``device``, of
+        ``cfg``) in ``cfg.precision``; ``cfg.deterministic`` is applied to this process.
 
         Raises:
+            ConfigError: for a device not available here (before anything is built).
             InputError: with ``local_data``, for a dataset that is not one local dataset.
         """
+        where = resolve_device(learner_device_name(cfg) if device is None else device,
+                               "runtime.device" if cfg.runtime.device else "device")
+        apply_determinism(cfg.deterministic)
         registry.import_modules(cfg.imports)
         local = None
         if local_data:
@@ -118,7 +135,13 @@ class ClientWorker:
             callbacks = CallbackManager(build_callbacks(cfg), strict=cfg.strict)
         learner = registry.build("learner", cfg.learner.model_dump(), "learner")
         learner.setup(model, callbacks)
-        return cls(learner, None if local_data else data, local)
+        place = getattr(learner, "place", None)
+        if place is not None:
+            place(where, cfg.precision)
+        elif where != CPU or cfg.precision != "32":
+            raise ConfigError(f"{type(learner).__name__} has no place() (from oiafed's Learner) "
+                              f"to train on {where} in precision {cfg.precision}", "learner.type")
+        return cls(learner, None if local_data else data, local, resident=cfg.runtime.resident)
 
     def client_data(self, client_id: str) -> ArrayDataset:
         """``client_id``'s local data, from the cache when it is there."""
@@ -132,6 +155,8 @@ class ClientWorker:
         data = self.data.client_data(client_id)
         size = _nbytes(data)
         if isinstance(self.data, FederatedData) and size <= DATA_CACHE_BYTES:
+            if self.resident_on is not None:
+                data = _moved(data, self.resident_on)
             self._cache[client_id] = data
             self._cache_bytes += size
             while self._cache_bytes > DATA_CACHE_BYTES:

@@ -5,7 +5,9 @@ are started once per run, forked from a forkserver that has done the imports
 (``runtime/processes.py``; spawned where there is none). Each one builds its own ``ClientWorker``
 from the config (data partitions, model, learner and the configured callbacks, whose epoch
 hooks then run in that process) and keeps it for the whole run, with
-``torch.set_num_threads(runtime.threads or 1)``. The worker side is ``worker.py``.
+``torch.set_num_threads(runtime.threads or 1)``. The worker side is ``worker.py``. When the
+learners' device is CUDA without an index (``cuda``, or ``auto`` on a CUDA machine), worker
+``i`` trains on ``cuda:(i % visible GPUs)``: several workers share each GPU.
 
 Per round, a worker receives the round's envelope once, before its first client of the round;
 then client envelopes go to the workers as they free up, each holding ``QUEUE_DEPTH`` of them
@@ -40,6 +42,7 @@ import torch
 
 from oiafed.config import ExperimentConfig
 from oiafed.core.types import ClientTask, Outcome, RoundTask
+from oiafed.device import learner_device_name, worker_device
 from oiafed.exceptions import WireError, WorkerError
 from oiafed.runtime import processes
 from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
@@ -152,7 +155,7 @@ class ParallelRuntime(Runtime):
         self.num_workers = cfg.runtime.workers or os.cpu_count() or 1
         self.spec = RunSpec(client_ids=(), num_sampled=self.num_workers)
         self._ctx = processes.context()
-        self._init = b""
+        self._init: dict[str, Any] = {}
         self._procs: list[_Process] = []
         self._spawned = 0
         self._busy = threading.Lock()
@@ -172,9 +175,9 @@ class ParallelRuntime(Runtime):
         """
         self.spec = spec
         setup = processes.ProcessSetup.here()
-        self._init = encode_json({"op": "init", "config": self.cfg.model_dump(mode="json"),
-                                  "threads": self.cfg.runtime.threads or 1,
-                                  "sys_path": list(setup.sys_path), "cwd": setup.cwd})
+        self._init = {"op": "init", "config": self.cfg.model_dump(mode="json"),
+                      "threads": self.cfg.runtime.threads or 1,
+                      "sys_path": list(setup.sys_path), "cwd": setup.cwd}
         count = max(1, min(self.num_workers, spec.num_sampled))
         try:
             await asyncio.to_thread(self._start, count)
@@ -204,8 +207,11 @@ class ParallelRuntime(Runtime):
     # -- the work, in a thread so that the event loop stays free -----------------------------
 
     def _spawn(self) -> _Process:
+        # worker i trains on GPU i % (visible GPUs) when the learners' device is CUDA
+        device = worker_device(learner_device_name(self.cfg), self._spawned)
         self._spawned += 1
-        proc = _Process(self._ctx, f"oiafed-worker-{self._spawned}", self._init)
+        proc = _Process(self._ctx, f"oiafed-worker-{self._spawned}",
+                        encode_json({**self._init, "device": device}))
         self._procs.append(proc)
         return proc
 

@@ -69,7 +69,8 @@ def worker_main(conn: Connection) -> None:
         init, _ = receive(conn)
         ProcessSetup(tuple(init["sys_path"]), init["cwd"]).apply()
         torch.set_num_threads(int(init.get("threads") or 1))
-        worker = ClientWorker.from_config(ExperimentConfig.model_validate(init["config"]))
+        worker = ClientWorker.from_config(ExperimentConfig.model_validate(init["config"]),
+                                          device=init.get("device"))
     except EOFError:
         return
     except Exception as exc:
