@@ -226,6 +226,38 @@ def test_weights_larger_than_the_message_limit_arrive_bit_for_bit_and_back():
     assert trainer.seen.joins == ["client_0"]  # reported as the round started
 
 
+def test_extras_of_any_size_travel_both_ways_beside_small_weights():
+    """A small round with a large per-client part (extras over the message limit), and an
+    update carrying large extras back: every tensor arrives bit for bit."""
+    big = torch.randn(1_500_000, generator=torch.Generator().manual_seed(3))  # 6 MB
+    trainer = make_trainer(1)
+
+    def execute(round_data: memoryview, client_data: bytes) -> TaskReply:
+        task, client = decode_round(round_data), decode_client(client_data)
+        return TaskReply(update=pack_update(ClientUpdate(
+            client.client_id, 3, {"accuracy": 1.0, "loss": 0.0}, task.weights,
+            {"echo": client.extra_tensors["c_i"] * 2}, {"seed": client.seed})))
+
+    async def scenario():
+        async with serving(trainer) as runtime:
+            client = FederationClient(f"127.0.0.1:{runtime.port}", "client_0", execute,
+                                      ClientSecurity(TOKEN), reconnect_timeout=10.0)
+            thread = threading.Thread(target=client.run, daemon=True)
+            thread.start()
+            await joined(runtime, "client_0")
+            outcomes = await runtime.runtime.train(
+                RoundTask(1, WEIGHTS, {"lr": 0.1}),
+                [ClientTask("client_0", 77, {"c_i": big}, {"note": "x"})], None)
+        await asyncio.to_thread(thread.join, 20)
+        return outcomes
+
+    (update,) = run(scenario())
+    assert isinstance(update, ClientUpdate), update
+    assert torch.equal(update.extra_tensors["echo"], big * 2)
+    assert update.extra_values == {"seed": 77}
+    assert all(torch.equal(update.weights[k], v) for k, v in WEIGHTS.items())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -66,16 +66,15 @@ class Experiment:
                                   strict=cfg.strict)
         if cfg.runtime.mode != "serial":
             _warn_driver_only_hooks(cfg.runtime.mode, extra_callbacks or [])
+        worker = None  # learners in other processes build their own from the config
         if cfg.runtime.mode == "serial":
             worker = ClientWorker.from_config(cfg, callbacks=manager, data=data, model=model)
-        else:  # the driver's worker does not train: on the CPU, whatever the learners use
-            worker = ClientWorker.from_config(cfg.model_copy(update={"precision": "32"}),
-                                              callbacks=manager, data=data, model=model,
-                                              device="cpu")
+        learner = (worker.learner if worker is not None
+                   else registry.build("learner", cfg.learner.model_dump(), "learner"))
         model.to(server)
         trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
         trainer.device = server
-        trainer.fit_config["lr"] = worker.learner.lr
+        trainer.fit_config["lr"] = learner.lr
         trainer.bind(
             model=model,
             aggregator=registry.build("aggregator", cfg.aggregator.model_dump(), "aggregator"),

@@ -26,16 +26,12 @@ RUN_LOG = "run.log"
 _ROUND_PREFIX = re.compile(rb'\{"round": (\d+)[,}]')
 
 
-def _jsonable(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
 def _json_default(value: Any) -> Any:
     """A value ``json`` cannot write as itself: a NumPy or torch scalar's number, else text."""
     return value.item() if hasattr(value, "item") else str(value)
 
 
-_CLIENT_ROWS = json.JSONEncoder(default=_json_default)
+_ROWS = json.JSONEncoder(default=_json_default)
 
 
 class RunLog(logging.FileHandler):
@@ -193,13 +189,13 @@ class RunFolder:
         flushes them with the round's row)."""
         if self._clients is None:
             self._clients = open(self.path / CLIENTS, "a", encoding="utf-8")  # noqa: SIM115
-        encode = _CLIENT_ROWS.encode  # one encoder (json.dumps with default= makes one a call)
+        encode = _ROWS.encode  # one encoder (json.dumps with default= makes one a call)
         self._clients.write("".join(encode(row) + "\n" for row in rows))
 
     def record_round(self, trainer: Any, row: dict[str, Any]) -> None:
         if self._metrics is None:
             self._metrics = open(self.path / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._metrics.write(_ROWS.encode(row) + "\n")
         self._metrics.flush()  # in the OS's hands: a killed process loses no finished round
         if self._clients is not None:
             self._clients.flush()

@@ -2,7 +2,7 @@
 
 The contract is ``runtime.base.Runtime`` (started with a ``RunSpec``, ``train`` a round's
 clients before a deadline, closed with a ``RunEnd``). ``runtime.mode: <name>`` in a config
-uses ``oiafed.runtime.<name>.create(cfg, worker)``.
+uses ``oiafed.runtime.<name>.create(cfg)`` (serial: ``SerialRuntime(worker)``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ __all__ = ["ClientWorker", "RoundLedger", "RunEnd", "RunSpec", "Runtime", "Seria
            "create_runtime"]
 
 
-def create_runtime(cfg: ExperimentConfig, worker: ClientWorker) -> Runtime:
-    """The runtime ``cfg.runtime.mode`` names (``worker``: this process's client worker)."""
+def create_runtime(cfg: ExperimentConfig, worker: ClientWorker | None = None) -> Runtime:
+    """The runtime ``cfg.runtime.mode`` names; the serial one trains with ``worker`` (this
+    process's), the others build their own workers elsewhere from ``cfg``."""
     if cfg.runtime.mode == "serial":
+        if worker is None:
+            raise ValueError("the serial runtime needs this process's ClientWorker")
         return SerialRuntime(worker)
     module = importlib.import_module(f"oiafed.runtime.{cfg.runtime.mode}")
-    runtime: Runtime = module.create(cfg, worker)
+    runtime: Runtime = module.create(cfg)
     return runtime

@@ -10,7 +10,7 @@ Every runtime keeps a round's books in a ``RoundLedger``, so they all answer the
 * a client whose training raises is a ``ClientFailure`` carrying its traceback text; with
   ``strict: true`` the run fails instead (``ClientTrainingError``, with that traceback);
 * a client whose worker process (or actor) dies is retried once on a fresh one
-  (``FailurePolicy.attempts``), then fails;
+  (``ATTEMPTS``), then fails;
 * at the deadline (``trainer.round_timeout``), clients still training or not yet started fail;
 * an answer for a client that is not awaited (a duplicate, a stray, a revoked copy) is ignored,
   and one that names another client fails the client it was asked of;
@@ -92,11 +92,6 @@ class Runtime(ABC):
     def take_joins(self) -> list[str]:
         """The clients that joined (or rejoined) since the last call (remote runtimes)."""
         return []
-
-
-def error_text(exc: BaseException) -> str:
-    """``ValueError: boom``: an exception in one line."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 class RoundLedger:

@@ -64,7 +64,7 @@ def import_ray() -> Any:
     return ray
 
 
-def create(cfg: ExperimentConfig, worker: ClientWorker) -> RayRuntime:
+def create(cfg: ExperimentConfig) -> RayRuntime:
     """The Ray runtime for ``cfg`` (Ray itself is imported and started in ``start``)."""
     import_ray()  # fail before anything runs when Ray is missing
     return RayRuntime(cfg)

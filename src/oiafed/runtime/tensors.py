@@ -185,7 +185,7 @@ def decode_buffer_with_metadata(buffer: bytearray | memoryview
     for start, _, name, dtype, shape, numel in spans:
         if numel == 0:
             weights[name] = torch.empty(shape, dtype=dtype)
-        elif (base + start) % dtype.itemsize:  # unaligned (not written by encode_chunks): copy
+        elif (base + start) % dtype.itemsize:  # unaligned (not laid out by Payload): copy
             data = bytearray(view[base + start:base + start + numel * dtype.itemsize])
             weights[name] = torch.frombuffer(data, dtype=dtype).reshape(shape)
         else:

@@ -23,7 +23,6 @@ from oiafed.exceptions import ConfigError, DeploymentError
 from oiafed.runtime.grpc.auth import ClientSecurity, ServerSecurity
 from oiafed.runtime.grpc.loopback import LOOPBACK_MAX_CLIENTS, LoopbackRuntime
 from oiafed.runtime.grpc.runtime import GrpcRuntime
-from oiafed.runtime.worker import ClientWorker
 
 __all__ = ["ClientSecurity", "DeploymentError", "GrpcRuntime", "LoopbackRuntime",
            "ServerSecurity", "create", "use_security"]
@@ -42,7 +41,7 @@ def use_security(security: ServerSecurity) -> Iterator[None]:
         _SECURITY.reset(token)
 
 
-def create(cfg: ExperimentConfig, worker: ClientWorker) -> GrpcRuntime:
+def create(cfg: ExperimentConfig) -> GrpcRuntime:
     """The server runtime (``runtime.address`` set) or a loopback deployment (unset).
 
     Raises:

@@ -27,7 +27,7 @@ from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
 from oiafed.runtime.grpc.service import FederationService, Reply
 from oiafed.runtime.grpc.wire import SERVER_OPTIONS, is_loopback, model_digest, parse_address
-from oiafed.runtime.tensors import CHUNK_SIZE, Payload
+from oiafed.runtime.tensors import CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +100,16 @@ class GrpcRuntime(Runtime):
         round_data = pack_round(task)
         self._next_task += 1
         task_id = self._next_task  # one per round: a client has one task at a time
-        shared = [pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
-                  for piece in round_data.pieces(CHUNK_SIZE)]
+        # a small round travels inside each client's task; a large one in chunks sent to all
+        small = round_data.to_bytes() if round_data.size < CHUNK_SIZE else None
+        shared = [] if small is not None else [
+            pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
+            for piece in round_data.pieces(CHUNK_SIZE)]
         connected = sum(c.client_id in service.sessions for c in clients)
         # Below the quorum, a round waits (up to its deadline) for missing clients to come back.
         wait_join = deadline is not None and connected < self.spec.min_clients
         replies = await asyncio.gather(*(
-            self._train_one(ledger, task_id, round_data, shared, client, wait_join)
+            self._train_one(ledger, task_id, round_data.size, small, shared, client, wait_join)
             for client in clients))
         for client, reply in zip(clients, replies, strict=True):
             cid = client.client_id
@@ -129,26 +132,28 @@ class GrpcRuntime(Runtime):
 
     # -- rounds ----------------------------------------------------------------------------
 
-    async def _train_one(self, ledger: RoundLedger, task_id: int, round_data: Payload,
-                         shared: list[pb.ServerMessage], client: ClientTask, wait_join: bool
-                         ) -> Reply | None:
-        """Send ``client`` its task (the round's chunks ``shared`` with the round's other
-        clients, then its own); its ``Reply``, or None when the deadline came first."""
+    async def _train_one(self, ledger: RoundLedger, task_id: int, round_size: int,
+                         small: bytes | None, shared: list[pb.ServerMessage],
+                         client: ClientTask, wait_join: bool) -> Reply | None:
+        """Send ``client`` its task: in one message when it fits, else the round's part
+        (``small``, or the chunks ``shared`` by the round's clients) and its own in chunks.
+        Its ``Reply``, or None when the deadline came first."""
         service = self._service()
         cid = client.client_id
         if cid not in service.sessions and wait_join:
             await self._wait_for_session(cid, ledger)
         client_data = encode_client(client)
-        size = round_data.size + len(client_data)
+        size = round_size + len(client_data)
         header = pb.TrainTask(task_id=task_id, round=ledger.round_num,
-                              round_size=round_data.size, size=size)
-        if size <= CHUNK_SIZE:  # one message
-            header.data = round_data.to_bytes() + client_data
+                              round_size=round_size, size=size)
+        if small is not None and size <= CHUNK_SIZE:  # one message
+            header.data = small + client_data
             messages = [pb.ServerMessage(task=header)]
-        else:
+        else:  # the round's chunks, then the client's
+            pieces = [] if small is None else cut(small)
             messages = [pb.ServerMessage(task=header), *shared]
             messages += [pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
-                         for piece in cut(client_data)]
+                         for piece in [*pieces, *cut(client_data)]]
         # An update holds about what a task holds: anything much larger is not one.
         future = service.assign(cid, task_id, ledger.round_num, 2 * size + (1 << 20), messages)
         try:

@@ -49,7 +49,6 @@ from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
 from oiafed.runtime.codec import encode_json
 from oiafed.runtime.envelope import encode_client, encode_round
 from oiafed.runtime.parallel.worker import receive, worker_main
-from oiafed.runtime.worker import ClientWorker
 
 __all__ = ["ParallelRuntime", "create", "describe_exit"]
 
@@ -68,8 +67,8 @@ STRAGGLER_SECONDS = 1.0
 takes the client queued behind it."""
 
 
-def create(cfg: ExperimentConfig, worker: ClientWorker) -> ParallelRuntime:
-    """The parallel runtime for ``cfg`` (``worker``, the driver's own, is not used to train)."""
+def create(cfg: ExperimentConfig) -> ParallelRuntime:
+    """The parallel runtime for ``cfg``."""
     return ParallelRuntime(cfg)
 
 
@@ -207,6 +206,8 @@ class ParallelRuntime(Runtime):
     # -- the work, in a thread so that the event loop stays free -----------------------------
 
     def _spawn(self) -> _Process:
+        if self._stop.is_set():  # closing: a replacement would outlive the runtime
+            raise WorkerError("the parallel runtime is closing")
         # worker i trains on GPU i % (visible GPUs) when the learners' device is CUDA
         device = worker_device(learner_device_name(self.cfg), self._spawned)
         self._spawned += 1
@@ -320,6 +321,8 @@ class ParallelRuntime(Runtime):
         cid = header.get("client_id")
         if cid in proc.revoked:  # skipped, or trained before the revoke: counts if awaited
             proc.revoked.discard(cid)
+            if work is None or header.get("round") != work.round_num:
+                return  # the answer of a revoked copy after its round ended
         elif proc.clients:
             cid = proc.clients.popleft()
             now = time.monotonic()
