@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import logging
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -554,6 +556,45 @@ async def rogue_client(port: int, client_id: str, payload: bytes, *, declared: i
             await call.write(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=payload)))
         while await call.read() is not grpc.aio.EOF:  # stay connected until the server ends
             pass
+
+
+def hostile_update(entry: object) -> bytes:
+    """A ~100-byte update whose one tensor entry is ``entry`` (an impossible shape, say)."""
+    header = {"__metadata__": {"oiafed": json.dumps(
+        {"v": PROTOCOL, "kind": "update", "client_id": "client_0", "num_samples": 1,
+         "metrics": {}})}, "weights/w": entry}
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+@pytest.mark.parametrize("payload", [
+    hostile_update({"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}),
+    hostile_update({"dtype": "F32", "shape": [0, 2**62, 2**62], "data_offsets": [0, 0]}),
+    struct.pack("<Q", 10_000) + b"[" * 10_000,  # a header of 10,000 nested JSON lists
+], ids=["shape-10e30", "shape-2e62", "nested-json"])
+def test_a_hostile_update_header_fails_its_client_at_once(payload):
+    """Issue 14's attack: an update that cannot be decoded ends that client's part in the
+    round at once (a client failure), never the round or the server."""
+    trainer = make_trainer(2)
+
+    async def scenario():
+        async with serving(trainer) as runtime:
+            good = ClientThread(runtime.port, "client_1", echo("client_1"))
+            rogue = asyncio.ensure_future(rogue_client(runtime.port, "client_0", payload))
+            await joined(runtime, "client_0", "client_1")
+            started = time.monotonic()
+            outcomes = await runtime.train(1, trainer.client_ids, WEIGHTS, {})
+            elapsed = time.monotonic() - started
+            rogue.cancel()
+            with contextlib.suppress(BaseException):
+                await rogue
+        await good.ended()
+        return outcomes, elapsed
+
+    outcomes, elapsed = run(scenario())
+    assert elapsed < 10, "the round must not wait on an undecodable update"
+    assert isinstance(outcomes[0], ClientFailure) and outcomes[0].kind == "malformed"
+    assert isinstance(outcomes[1], ClientUpdate)
 
 
 def test_oversized_updates_and_hang_ups_fail_at_once():
