@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from oiafed.config import ExperimentConfig, load_config
 from oiafed.device import resolve_device
 from oiafed.exceptions import InputError
 from oiafed.run_folder import CONFIG, PARTITION
+from oiafed.runtime.worker import build_model
 from oiafed.state import STATE_FILE, load_state
 
 WHICH = ("best", "last", "final")
@@ -62,6 +64,12 @@ def load_model(run_dir: str | Path, which: str = "final",
     return model.to(target).eval()
 
 
+@dataclass(frozen=True)
+class _Shape:
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
 def _build(folder: Path, cfg: ExperimentConfig) -> nn.Module:
     """The configured model, shaped from ``partition.json``'s ``model_input`` (or, for a
     folder written before it was recorded there, from the data the config describes)."""
@@ -69,12 +77,8 @@ def _build(folder: Path, cfg: ExperimentConfig) -> nn.Module:
     if info is None:
         from oiafed.data.federated import build_federated_data
 
-        data = build_federated_data(cfg.data, cfg.seed)
-        info = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    with torch.random.fork_rng(devices=[]):  # the weights are replaced: leave the RNG as it was
-        return registry.build("model", cfg.model.model_dump(), "model",
-                              input_shape=tuple(info["input_shape"]),
-                              num_classes=int(info["num_classes"]))
+        return build_model(cfg, build_federated_data(cfg.data, cfg.seed))
+    return build_model(cfg, _Shape(tuple(info["input_shape"]), int(info["num_classes"])))
 
 
 def _model_input(folder: Path) -> dict[str, Any] | None:

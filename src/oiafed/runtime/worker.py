@@ -16,7 +16,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,7 +35,17 @@ from oiafed.runtime.tensors import Payload
 from oiafed.seeding import INIT, derive_seed
 
 
-def build_model(cfg: ExperimentConfig, data: FederatedSource | ArrayDataset) -> nn.Module:
+class ModelInput(Protocol):
+    """What building a model takes from the data (a ``FederatedSource``, an ``ArrayDataset``)."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+
+def build_model(cfg: ExperimentConfig, data: ModelInput) -> nn.Module:
     """The configured model, initialised from the seed (without touching the global RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, INIT))
