@@ -44,6 +44,12 @@ class ProcessSetup:
     def here(cls) -> ProcessSetup:
         return cls(tuple(p for p in sys.path if p), os.getcwd())
 
+    def pythonpath(self) -> str:
+        """``$PYTHONPATH`` for a child started another way (a new interpreter, a Ray worker):
+        the import path's folders, made absolute, then the current ``$PYTHONPATH``."""
+        folders = [os.path.abspath(p) for p in self.sys_path if os.path.isdir(p)]
+        return os.pathsep.join([*folders, *filter(None, [os.environ.get("PYTHONPATH")])])
+
     def apply(self) -> None:
         """Make this (child) process import and resolve paths as the run's process does."""
         sys.path[:0] = [p for p in self.sys_path if p not in sys.path]

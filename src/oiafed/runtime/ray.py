@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
 from oiafed.runtime.codec import decode_json, encode_json
 from oiafed.runtime.envelope import encode_client, encode_round
 from oiafed.runtime.parallel.driver import STARTUP_TIMEOUT
+from oiafed.runtime.processes import ProcessSetup
 from oiafed.runtime.worker import ClientWorker
 
 __all__ = ["RayRuntime", "actor_options", "create", "import_ray"]
@@ -172,10 +172,8 @@ class RayRuntime(Runtime):
         kwargs: dict[str, Any] = {}
         if not address and not os.environ.get("RAY_ADDRESS"):
             # a local instance: its workers import what this process can import
-            paths = [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
-            old = os.environ.get("PYTHONPATH")
-            paths += [old] if old else []
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+            pythonpath = ProcessSetup.here().pythonpath()
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
         if address:
             _probe(address)
         try:

@@ -109,10 +109,8 @@ class LoopbackRuntime(GrpcRuntime):
         log_dir = run_dir / "clients" if run_dir is not None else Path(self._tmp.name)
         log_dir.mkdir(parents=True, exist_ok=True)
         # The children import what this process can (user modules of ``imports`` included).
-        path = [p for p in sys.path if p and os.path.isdir(p)]
         token = self.security.token or ""
-        env = {**os.environ, TOKEN_ENV: token,
-               "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, TOKEN_ENV: token, "PYTHONPATH": ProcessSetup.here().pythonpath()}
         threads = str(self.cfg.runtime.threads or 1)
         ctx = processes.context()
         for cid in self.spec.client_ids:
