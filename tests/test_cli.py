@@ -311,7 +311,7 @@ def test_list_prints_every_kind_and_the_builtins(outcomes: dict[str, Outcome]) -
     assert outcome.returncode == 0, outcome
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in outcome.stdout.splitlines()}
     assert set(lines) == {"callback", "aggregator", "learner", "trainer", "model", "dataset",
-                          "partitioner"}
+                          "partitioner", "attack"}
     assert "fedavg" in lines["aggregator"]
     assert {"cnn", "logreg", "mlp"} <= {n.strip() for n in lines["model"].split(",")}
     assert {"iid", "dirichlet", "shards", "quantity"} <= {n.strip() for n in lines["partitioner"].split(",")}

@@ -267,10 +267,10 @@ def test_config_yaml_holds_every_argument_and_gives_the_same_run(tmp_path):
     written = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
     assert written["trainer"]["args"] == {"rounds": 2, "clients_per_round": 2, "fraction": None,
                                           "eval_every": 1, "min_clients": 1,
-                                          "round_timeout": None}
+                                          "round_timeout": None, "straggler_fraction": 0.0}
     assert written["learner"]["args"]["lr"] == 0.05  # the user's value
     assert written["learner"]["args"]["momentum"] == 0.0  # a default
-    assert written["aggregator"]["args"] == {"weighted": True}
+    assert written["aggregator"]["args"] == {"weighted": True, "drop_stragglers": False}
     assert written["callbacks"][0]["args"]["patience"] == 5
     assert written["callbacks"][0]["args"]["metric"] == "accuracy"
     assert "seed" not in written["data"]["args"]  # set by oiafed, never by a config

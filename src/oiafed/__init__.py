@@ -5,10 +5,10 @@ from oiafed.config import ExperimentConfig, load_config
 from oiafed.core.aggregators import Aggregator, FedAvg
 from oiafed.core.learner import Learner
 from oiafed.core.trainer import Trainer
-from oiafed.core.types import ClientUpdate, RoundResult, TrainResult
+from oiafed.core.types import ClientUpdate, RoundContext, RoundPlan, RoundResult, TrainResult
 from oiafed.exceptions import CallbackError, ConfigError, OiafedError, RegistryError
 from oiafed.registry import build, register
-from oiafed.run import run
+from oiafed.run import run, validate
 from oiafed.trained import load_model
 
 __version__ = "0.1.0"
@@ -25,6 +25,8 @@ __all__ = [
     "Learner",
     "OiafedError",
     "RegistryError",
+    "RoundContext",
+    "RoundPlan",
     "RoundResult",
     "TrainResult",
     "Trainer",
@@ -34,4 +36,5 @@ __all__ = [
     "load_model",
     "register",
     "run",
+    "validate",
 ]

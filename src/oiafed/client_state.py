@@ -94,10 +94,7 @@ class ClientStateStore:
 
     def put(self, client_id: str, state: State) -> None:
         """Store ``state`` as client ``client_id``'s (the most recently used entry)."""
-        _check_id(client_id)
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise ClientStateError(f"the state of {client_id} must be a dict with str keys")
-        _split(client_id, state)  # fail now, not at spill time
+        check_state(client_id, state)  # fail now, not at spill time
         with self._lock:
             if not self.max_in_memory:
                 self._write(client_id, state)
@@ -174,25 +171,48 @@ class ClientStateStore:
         return self._dir / f"{client_id}{SUFFIX}"
 
     def _write(self, client_id: str, state: State) -> None:
-        tensors, values = _split(client_id, state)
         file = self._file(client_id, create=True)
         file.parent.mkdir(parents=True, exist_ok=True)
-        payload = save_tensors(tensors, metadata={VALUES_KEY: values})
-        with atomic_open(file, "wb") as handle:
-            handle.write(payload)
+        write_state(file, client_id, state)
         self.spills += 1
 
     @staticmethod
     def _read(file: Path) -> State:
-        try:
-            data = file.read_bytes()
-            tensors = load_tensors(data)
-            values = json.loads(_metadata(data).get(VALUES_KEY, "{}"))
-        except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
-            raise ClientStateError(f"cannot read client state {file}: {exc}") from exc
-        if not isinstance(values, dict) or set(values) & set(tensors):
-            raise ClientStateError(f"cannot read client state {file}: malformed values")
-        return {**values, **tensors}
+        return read_state(file)
+
+
+def write_state(file: Path, client_id: str, state: State) -> None:
+    """Write one client's ``state`` to ``file`` atomically (tensors, the rest as JSON)."""
+    tensors, values = _split(client_id, state)
+    payload = save_tensors(tensors, metadata={VALUES_KEY: values})
+    with atomic_open(file, "wb") as handle:
+        handle.write(payload)
+
+
+def read_state(file: Path) -> State:
+    """What ``write_state`` wrote to ``file``.
+
+    Raises:
+        ClientStateError: when the file cannot be read or is not a client state.
+    """
+    try:
+        data = file.read_bytes()
+        tensors = load_tensors(data)
+        values = json.loads(_metadata(data).get(VALUES_KEY, "{}"))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise ClientStateError(f"cannot read client state {file}: {exc}") from exc
+    if not isinstance(values, dict) or set(values) & set(tensors):
+        raise ClientStateError(f"cannot read client state {file}: malformed values")
+    return {**values, **tensors}
+
+
+def check_state(client_id: str, state: Any) -> None:
+    """Refuse an id unfit for a file name and a state that is not a dict of tensors and
+    JSON-able values (``ClientStateError``)."""
+    _check_id(client_id)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ClientStateError(f"the state of {client_id} must be a dict with str keys")
+    _split(client_id, state)
 
 
 def _check_id(client_id: Any) -> None:

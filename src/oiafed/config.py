@@ -128,6 +128,9 @@ class ExperimentConfig(_Strict):
     learner: LearnerSection = Field(default_factory=LearnerSection)
     aggregator: AggregatorSection = Field(default_factory=AggregatorSection)
     callbacks: list[Component] = Field(default_factory=list)
+    attack: Component | None = None
+    """A simulated Byzantine attack (``attack.*`` registry names): which clients it controls
+    (``args.fraction`` or ``args.clients``) and what they send."""
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     device: str = "auto"
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
@@ -159,6 +162,8 @@ class ExperimentConfig(_Strict):
             ("aggregator", "aggregator", self.aggregator),
         ]
         found += [("callback", f"callbacks[{i}]", cb) for i, cb in enumerate(self.callbacks)]
+        if self.attack is not None:
+            found.append(("attack", "attack", self.attack))
         return found
 
     def to_yaml(self) -> str:
@@ -254,9 +259,40 @@ def check_components(cfg: ExperimentConfig, folder: str | Path | None = None) ->
     """Import ``imports`` (module names also looked for in ``folder``, the config file's, and
     the working directory), then check every section's type is registered and its args fit."""
     registry.import_modules(cfg.imports, folder=folder)
+    pair_halves(cfg)
     for kind, path, section in cfg.sections():
         target = registry.get(kind, section.type, path=f"{path}.type")
         registry.validate_args(target, section.args, f"{path}.args", INJECTED_ARGS.get(kind, set()))
+
+
+def pair_halves(cfg: ExperimentConfig) -> None:
+    """Give the algorithm its client half: a config naming no learner (``default``) gets the
+    one the aggregator's ``client_half`` names; a learner that does not fit is refused.
+
+    Raises:
+        ConfigError: naming ``learner.type`` (or ``aggregator.type``) when the two halves do
+            not belong together.
+    """
+    server = registry.get("aggregator", cfg.aggregator.type, path="aggregator.type")
+    needed = getattr(server, "client_half", None)
+    if needed is not None and cfg.learner.type == "default":
+        cfg.learner.type = needed
+    client = registry.get("learner", cfg.learner.type, path="learner.type")
+    if needed is not None:
+        wanted = registry.get("learner", needed)
+        if not (isinstance(client, type) and issubclass(client, wanted)):
+            raise ConfigError(
+                f"aggregator {cfg.aggregator.type!r} trains its clients with learner {needed!r} "
+                f"(or a subclass of it); got {cfg.learner.type!r}: leave learner.type out",
+                "learner.type")
+    partner = getattr(client, "server_half", None)
+    if partner is not None:
+        wanted = registry.get("aggregator", partner)
+        if not (isinstance(server, type) and issubclass(server, wanted)):
+            raise ConfigError(
+                f"learner {cfg.learner.type!r} is the client half of aggregator {partner!r}; "
+                f"got aggregator {cfg.aggregator.type!r}: set aggregator.type: {partner} and "
+                "leave learner.type out", "aggregator.type")
 
 
 def fill_defaults(cfg: ExperimentConfig) -> ExperimentConfig:

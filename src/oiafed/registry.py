@@ -26,7 +26,8 @@ from oiafed.exceptions import ConfigError, RegistryError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("callback", "aggregator", "learner", "trainer", "model", "dataset", "partitioner")
+KINDS = ("callback", "aggregator", "learner", "trainer", "model", "dataset", "partitioner",
+         "attack")
 _BUILTIN_MODULES = (
     "oiafed.callbacks",
     "oiafed.core.aggregators",
@@ -35,6 +36,8 @@ _BUILTIN_MODULES = (
     "oiafed.models",
     "oiafed.data.datasets",
     "oiafed.data.partition",
+    "oiafed.algorithms",
+    "oiafed.attacks",
 )
 
 _by_name: dict[str, Any] = {}

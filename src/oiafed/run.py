@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from oiafed import registry
 from oiafed.callbacks.base import CallbackManager, overrides
 from oiafed.config import ExperimentConfig, fill_defaults, load_config
+from oiafed.core.client_states import ClientStates
 from oiafed.core.trainer import Trainer
 from oiafed.core.types import TrainResult
 from oiafed.data.federated import FederatedSource, build_federated_data
@@ -26,8 +27,8 @@ from oiafed.device import (
     resolve_device,
 )
 from oiafed.exceptions import ConfigError, InputError
+from oiafed.run_folder import CLIENT_STATES, RunFolder
 from oiafed.run_folder import CONFIG as CONFIG_FILE
-from oiafed.run_folder import RunFolder
 from oiafed.runtime import create_runtime
 from oiafed.runtime.worker import ClientWorker, build_callbacks, build_model
 from oiafed.seeding import seed_global_generators
@@ -75,6 +76,9 @@ class Experiment:
         trainer = registry.build("trainer", cfg.trainer.model_dump(), "trainer")
         trainer.device = server
         trainer.fit_config["lr"] = learner.lr
+        trainer.local_epochs = learner.epochs
+        attack = (registry.build("attack", cfg.attack.model_dump(), "attack")
+                  if cfg.attack is not None else None)
         trainer.bind(
             model=model,
             aggregator=registry.build("aggregator", cfg.aggregator.model_dump(), "aggregator"),
@@ -85,6 +89,7 @@ class Experiment:
             seed=cfg.seed,
             config=cfg,
             index_of=data.index_of,
+            attack=attack,
         )
         return cls(cfg, data, trainer, manager)
 
@@ -162,6 +167,10 @@ def run(
         folder.write_partition({"model_input": model_input(experiment.data),
                                 **experiment.data.report()})
     trainer = experiment.trainer
+    trainer.client_states = ClientStates(folder.path / CLIENT_STATES)
+    if resume is not None:
+        trainer.client_states.restore(trainer.round_num)
+        folder.durable_round = trainer.round_num
     folder.device = record(experiment.config, trainer.device)
     trainer.recorder = folder
     trainer.run_dir = folder.path

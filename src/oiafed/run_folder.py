@@ -22,6 +22,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PARTITION = "partition.json"
 CLIENTS = "clients.jsonl"
+CLIENT_STATES = "client_state"
+"""The folder of the algorithm's per-client state versions (``core.client_states``)."""
 RUN_LOG = "run.log"
 _ROUND_PREFIX = re.compile(rb'\{"round": (\d+)[,}]')
 
@@ -91,6 +93,8 @@ class RunFolder:
         self.checkpoint_interval = 0.0
         self.device: dict[str, Any] | None = None  # summary.json's "device" (``device.record``)
         self._saved_round: int | None = None
+        self.durable_round: int | None = None
+        """The last round whose state is known to be on disk (None: none yet)."""
         self._saved_at = time.monotonic()
         self._pending: tuple[int, Snapshot] | None = None
         self._state_writer = StateWriter(path)
@@ -200,6 +204,7 @@ class RunFolder:
         if self._clients is not None:
             self._clients.flush()
         round_num = row["round"]
+        self._collect_client_states(trainer, round_num)
         if not self.checkpoint_every or round_num % self.checkpoint_every:
             return
         snapshot = take_snapshot(trainer.state_dict(include_history=False))
@@ -224,8 +229,21 @@ class RunFolder:
         """Whether a state file is (or is being) written."""
         return self._saved_round is not None or (self.path / STATE_FILE).exists()
 
+    def _collect_client_states(self, trainer: Any, round_num: int) -> None:
+        """Delete the server half's per-client state versions no resume can need."""
+        states = getattr(trainer, "client_states", None)
+        if states is None:
+            return
+        if not self.checkpoint_every:
+            states.collect(round_num)
+        elif self.durable_round is not None:
+            states.collect(self.durable_round)
+
     def _write(self, round_num: int, snapshot: Snapshot) -> None:
-        self._state_writer.submit_snapshot(snapshot)
+        previous = self._saved_round
+        self._state_writer.submit_snapshot(snapshot)  # after the write in flight is done
+        if previous is not None:
+            self.durable_round = previous
         self._saved_round = round_num
         self._saved_at = time.monotonic()
         self._pending = None

@@ -20,6 +20,8 @@ DATA = 5
 GLOBAL = 6
 """The process-wide generators (Python's ``random``, NumPy's ``np.random``, torch's) that a
 new run seeds before it starts (``seed_global_generators``)."""
+STRAGGLERS = 7
+ATTACK = 8
 
 
 _MASK = (1 << 64) - 1

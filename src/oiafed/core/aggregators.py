@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from oiafed.core.types import ClientUpdate, Weights
+from oiafed.core.types import ClientUpdate, RoundContext, RoundPlan, Weights
 from oiafed.exceptions import OiafedError
 from oiafed.registry import register
 
@@ -63,27 +63,89 @@ def weighted_average(weights_list: Sequence[Weights], coefficients: Sequence[flo
 
 
 class Aggregator(ABC):
-    """Turns the round's client updates into the next global weights."""
+    """The server half of a federated algorithm: what each round's clients are sent beside
+    the global weights, and how their updates become the next global weights.
+
+    The trainer sets ``context`` (a ``RoundContext``: the round, its clients, the per-client
+    ``states``) before ``configure_round`` and leaves it for ``aggregate``. An algorithm with
+    a client half names its learner in ``client_half`` (a ``learner.*`` registry name): a
+    config that names no learner gets it, one that names another is refused.
+    """
+
+    client_half: ClassVar[str | None] = None
+    """The registry name of the learner this algorithm needs (None: any learner)."""
+
+    context: RoundContext | None = None
+
+    def check_federation(self, num_clients: int, num_sampled: int) -> None:
+        """Refuse arguments this federation cannot honour (``ConfigError`` naming the key);
+        called once, before the first round."""
+
+    def configure_round(self, global_weights: Weights) -> RoundPlan:
+        """The extras this round's clients get (default: none)."""
+        return RoundPlan()
+
+    def update_problem(self, update: ClientUpdate, global_weights: Weights) -> str | None:
+        """Why ``update``'s extras do not fit this algorithm (None: they do); the update is
+        then left out as a bad update. Default: none expected, any accepted."""
+        return None
 
     @abstractmethod
     def aggregate(self, updates: list[ClientUpdate], global_weights: Weights) -> Weights:
         """New global weights from ``updates`` (``global_weights``: this round's start)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """State to save with the run (stateless aggregators return ``{}``)."""
+        """State to save with the run (tensors and JSON values; stateless: ``{}``)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def round_context(self) -> RoundContext:
+        """``context``, which the trainer sets before each round."""
+        if self.context is None:
+            raise RuntimeError(f"{type(self).__name__} is used outside a round (no context)")
+        return self.context
+
+
+def extras_problem(update: ClientUpdate, expected: dict[str, torch.Size],
+                   values: tuple[str, ...] = ()) -> str | None:
+    """Why ``update``'s extra tensors are not exactly ``expected`` (names and shapes, finite
+    floating point) or it lacks a number in one of ``values`` (None: they fit)."""
+    tensors = update.extra_tensors
+    if tensors.keys() != expected.keys():
+        unknown, missing = tensors.keys() - expected.keys(), expected.keys() - tensors.keys()
+        return (f"extras: unknown {sorted(unknown)[:5]}, missing {sorted(missing)[:5]}")
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != shape:
+            return f"extra {name!r} is not a tensor of shape {tuple(shape)}"
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            return f"extra {name!r} is not finite floating point"
+    for name in values:
+        value = update.extra_values.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return f"extra value {name!r} must be a finite number, got {value!r:.40}"
+    return None
+
+
+def without_stragglers(aggregator: Aggregator, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """``updates`` less those of the round's stragglers (as FedAvg in the FedProx paper)."""
+    stragglers = aggregator.context.stragglers if aggregator.context is not None else frozenset()
+    return [u for u in updates if u.client_id not in stragglers]
+
 
 @register("aggregator.fedavg")
 class FedAvg(Aggregator):
-    """Federated averaging (McMahan et al., 2017).
+    """Federated averaging (McMahan et al., AISTATS 2017, Algorithm 1):
+    ``w <- sum_k n_k / n * w_k`` over the round's clients.
 
     Args:
         weighted: weight each update by its ``num_samples`` (default); ``False`` takes the
             plain mean.
+        drop_stragglers: leave out the round's stragglers (``trainer.args.straggler_fraction``),
+            as the FedProx paper's FedAvg baseline does; a round of stragglers only keeps the
+            global weights.
 
     YAML:
         aggregator:
@@ -91,9 +153,14 @@ class FedAvg(Aggregator):
           args: {weighted: true}
     """
 
-    def __init__(self, weighted: bool = True) -> None:
+    def __init__(self, weighted: bool = True, drop_stragglers: bool = False) -> None:
         self.weighted = weighted
+        self.drop_stragglers = drop_stragglers
 
     def aggregate(self, updates: list[ClientUpdate], global_weights: Weights) -> Weights:
+        if self.drop_stragglers:
+            updates = without_stragglers(self, updates)
+            if not updates:
+                return {k: v.clone() for k, v in global_weights.items()}
         coefficients = [u.num_samples if self.weighted else 1.0 for u in updates]
         return weighted_average([u.weights for u in updates], coefficients)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch.nn import functional as F
 
 from oiafed.callbacks.base import CallbackManager
 from oiafed.client_state import ClientStateStore
-from oiafed.core.types import ClientUpdate, Weights
+from oiafed.core.types import JSON, ClientUpdate, Tensors, Weights
 from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.device import CPU, autocast, check_precision
@@ -18,6 +19,14 @@ from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+EPOCHS = "epochs"
+"""A value the trainer sends a straggler: its local epochs this round."""
+LABEL_FLIP = "label_flip"
+"""A value the trainer sends a client of a ``label_flip`` attack: train on flipped labels."""
+
+
+def _overrides(learner: Learner, hook: str) -> bool:
+    return getattr(type(learner), hook) is not getattr(Learner, hook)
 
 
 @register("learner.default")
@@ -41,7 +50,14 @@ class Learner:
     others spill to ``client_state_dir`` (default: a temporary folder, removed at exit). The
     store belongs to this learner's process: runtimes that train a client in several processes
     need a shared ``client_state_dir`` and ``client_state_memory: 0`` (write-through). It is not
-    part of a run's checkpoint. Otherwise ``client_state`` is None.
+    part of a run's checkpoint (an algorithm's server half keeps resumable per-client state in
+    ``RoundContext.states`` and sends each client its part). Otherwise ``client_state`` is None.
+
+    An algorithm's client half subclasses this learner and overrides its hooks: ``begin_fit``,
+    ``training_step`` (the loss; ``global_weights`` holds the round's start),
+    ``before_optimizer_step`` and ``end_fit`` (the update's extras). What the server half sent
+    is in ``extra_tensors``/``extra_values``; ``steps`` counts optimizer steps, ``round_lr``
+    is the learning rate of the round. Hooks not overridden cost nothing.
 
     Args:
         epochs: local passes over the data per round.
@@ -63,6 +79,9 @@ class Learner:
           type: default
           args: {epochs: 1, batch_size: 32, lr: 0.05, optimizer: sgd}
     """
+
+    server_half: ClassVar[str | None] = None
+    """The aggregator (registry name) an algorithm's client half belongs to (None: any)."""
 
     def __init__(
         self,
@@ -104,6 +123,14 @@ class Learner:
         self.device: torch.device = CPU
         self.precision = "32"
         self._scaler: torch.amp.GradScaler | None = None
+        self.extra_tensors: Tensors = {}
+        self.extra_values: dict[str, JSON] = {}
+        self.steps = 0
+        self.round_lr = lr
+        self._global_source: Weights = {}
+        self._global_on_device: Weights | None = None
+        self._custom_step = False
+        self._pre_step: Callable[[], None] | None = None
 
     def place(self, device: torch.device, precision: str = "32") -> None:
         """Train on ``device`` in ``precision`` (``32``, ``bf16``, ``16-mixed``): the model
@@ -154,18 +181,28 @@ class Learner:
         round_num: int,
         seed: int,
         config: dict[str, Any] | None = None,
+        tensors: Tensors | None = None,
+        values: dict[str, JSON] | None = None,
     ) -> ClientUpdate:
         """Train client ``client_id`` from ``weights``; return its update.
 
         ``seed`` fixes data order (and any randomness in the model); ``config`` holds the
-        trainer's per-round settings (``lr``).
+        trainer's per-round settings (``lr``); ``tensors`` and ``values`` are what the
+        algorithm's server half sent this client (the round's and its own). Two values are
+        the trainer's: ``epochs`` (a straggler's local epochs this round) and
+        ``label_flip`` (the client trains on flipped labels: a simulated attack).
         """
         if self.model is None:
             raise RuntimeError("Learner.setup() must be called before fit()")
         self.client_id = client_id
         self.round_num = round_num
+        self.extra_tensors = tensors if tensors is not None else {}
+        self.extra_values = values if values is not None else {}
+        self.steps = 0
+        self._global_source, self._global_on_device = weights, None
         load_weights(self.model, weights)
-        self.optimizer = self.make_optimizer((config or {}).get("lr", self.lr))
+        self.round_lr = float((config or {}).get("lr", self.lr))
+        self.optimizer = self.make_optimizer(self.round_lr)
         store = self.state_store
         self.client_state = store.get(client_id, {}) if store is not None else None
         generator = torch.Generator().manual_seed(seed)
@@ -173,10 +210,17 @@ class Learner:
         # accelerator backend, which costs ~0.3 ms per client.
         torch.default_generator.manual_seed(seed)
         metrics: dict[str, float] = {"accuracy": float("nan"), "loss": float("nan")}
+        if self.extra_values.get(LABEL_FLIP):
+            data = ArrayDataset(data.x, data.num_classes - 1 - data.y, data.num_classes)
         if data.x.device != self.device:  # once per fit; resident data is already there
             data = ArrayDataset(data.x.to(self.device), data.y.to(self.device), data.num_classes)
+        epochs = int(self.extra_values.get(EPOCHS, self.epochs))
+        self._custom_step = _overrides(self, "training_step")
+        self._pre_step = (self.before_optimizer_step
+                          if _overrides(self, "before_optimizer_step") else None)
+        self.begin_fit()
         hooks = self.callbacks
-        for epoch in range(1, self.epochs + 1):
+        for epoch in range(1, epochs + 1):
             if hooks.implements("on_epoch_start"):
                 await hooks.on_epoch_start(self, epoch)
             metrics = self.train_epoch(data, generator)
@@ -189,7 +233,38 @@ class Learner:
         else:  # updates cross process boundaries as CPU tensors
             new_weights = {k: v.detach().to(CPU, copy=True)
                            for k, v in self.model.state_dict().items()}
-        return ClientUpdate(client_id, len(data), dict(metrics), new_weights)
+        update = ClientUpdate(client_id, len(data), dict(metrics), new_weights)
+        self.end_fit(update)
+        return update
+
+    # -- the client half's hooks (an algorithm's learner overrides what it needs) -------------
+
+    @property
+    def global_weights(self) -> Weights:
+        """The weights this fit started from (the round's global model), on ``device``."""
+        if self._global_on_device is None:
+            self._global_on_device = (
+                self._global_source if self.device == CPU
+                else {k: v.to(self.device) for k, v in self._global_source.items()})
+        return self._global_on_device
+
+    def begin_fit(self) -> None:
+        """Before the first epoch: the model holds the global weights, the optimizer is new,
+        ``extra_tensors``/``extra_values`` hold what the server half sent."""
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One minibatch's ``(loss, logits)``; default: ``loss(model(x), y)``. Override to add
+        a term (FedProx's proximal term reads ``global_weights``)."""
+        logits = self._require_model()(x)
+        return self.loss(logits, y), logits
+
+    def before_optimizer_step(self) -> None:
+        """After ``backward``, before ``optimizer.step()``: gradients may be changed here
+        (SCAFFOLD's correction). Called only when overridden."""
+
+    def end_fit(self, update: ClientUpdate) -> None:
+        """After the last epoch: add the algorithm's extras to ``update`` (its
+        ``extra_tensors``/``extra_values``); ``steps`` holds the optimizer steps taken."""
 
     def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
         """One pass over ``data`` in shuffled minibatches; mean loss and accuracy."""
@@ -203,24 +278,31 @@ class Learner:
         order = torch.randperm(n, generator=generator)  # on the CPU: the same on every device
         if self.device != CPU or self.precision != "32":
             return self._train_epoch_on_device(data, order)
+        custom, pre_step = self._custom_step, self._pre_step
         loss_sum, correct = 0.0, 0
         for start in range(0, n, size):
             index = order[start:start + size]
             x, y = data.x[index], data.y[index]
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = self.loss(logits, y)
+            if custom:
+                loss, logits = self.training_step(x, y)
+            else:
+                logits = model(x)
+                loss = self.loss(logits, y)
             loss.backward()
+            if pre_step is not None:
+                pre_step()
             optimizer.step()
+            self.steps += 1
             # On the CPU, item() costs less than any tensor operation (no device to sync).
             loss_sum += loss.item() * len(index)
-            correct += (logits.argmax(dim=1) == y).sum().item()
+            correct += int((logits.argmax(dim=1) == y).sum().item())
         return {"accuracy": correct / n, "loss": loss_sum / n}
 
     def _train_epoch_on_device(self, data: ArrayDataset, order: torch.Tensor) -> dict[str, float]:
         """``train_epoch`` on an accelerator or in reduced precision: sums stay on the
         device (no sync per batch), autocast and, for 16-mixed, a gradient scaler."""
-        model, optimizer, size = self._require_model(), self.optimizer, self.batch_size
+        optimizer, size = self.optimizer, self.batch_size
         assert optimizer is not None
         n, scaler = len(data), self._scaler
         order = order.to(data.x.device)
@@ -231,15 +313,20 @@ class Learner:
             x, y = data.x[index], data.y[index]
             optimizer.zero_grad(set_to_none=True)
             with autocast(self.precision, self.device):
-                logits = model(x)
-                loss = self.loss(logits, y)
+                loss, logits = self.training_step(x, y)
             if scaler is None:
                 loss.backward()
+                if self._pre_step is not None:
+                    self._pre_step()
                 optimizer.step()
             else:
                 scaler.scale(loss).backward()
+                if self._pre_step is not None:
+                    scaler.unscale_(optimizer)
+                    self._pre_step()
                 scaler.step(optimizer)
                 scaler.update()
+            self.steps += 1
             loss_sum += loss.detach().double() * len(index)
             correct += (logits.detach().argmax(dim=1) == y).sum()
         return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}

@@ -14,14 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from oiafed.attacks import Attack
 from oiafed.callbacks.base import CallbackManager
 from oiafed.core.aggregators import Aggregator
+from oiafed.core.client_states import ClientStates
 from oiafed.core.evaluation import evaluate
+from oiafed.core.learner import EPOCHS
 from oiafed.core.types import (
     ClientFailure,
     ClientTask,
     ClientUpdate,
     Outcome,
+    RoundContext,
     RoundResult,
     RoundTask,
     TrainResult,
@@ -34,7 +38,7 @@ from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
 from oiafed.registry import register
 from oiafed.runtime.base import RunEnd, RunSpec, Runtime
 from oiafed.runtime.envelope import json_problem
-from oiafed.seeding import SAMPLING, TRAIN, derive_seed, rng
+from oiafed.seeding import ATTACK, SAMPLING, STRAGGLERS, TRAIN, derive_seed, rng
 
 if TYPE_CHECKING:
     from oiafed.config import ExperimentConfig
@@ -100,6 +104,11 @@ class Trainer:
         min_clients: the quorum: a round with fewer usable updates fails the run.
         round_timeout: seconds a runtime waits for a round's clients before it gives up on
             the missing ones (None: no limit; runtimes with remote clients read it).
+        straggler_fraction: systems heterogeneity as in the FedProx paper (Li et al., MLSys
+            2020, Section 5.2): this share of each round's clients (drawn from the seed) does a
+            number of local epochs drawn uniformly from 1..E (E: the learner's ``epochs``);
+            an aggregator may drop them (``fedavg``'s ``drop_stragglers``) or use their
+            partial work.
 
     YAML:
         trainer:
@@ -115,6 +124,7 @@ class Trainer:
         eval_every: int = 1,
         min_clients: int = 1,
         round_timeout: float | None = None,
+        straggler_fraction: float = 0.0,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -130,12 +140,23 @@ class Trainer:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
         if round_timeout is not None and round_timeout <= 0:
             raise ConfigError(f"round_timeout must be > 0 seconds, got {round_timeout}")
+        if not 0 <= straggler_fraction <= 1:
+            raise ConfigError(f"must be in [0, 1], got {straggler_fraction}",
+                              "trainer.args.straggler_fraction")
         self.rounds = rounds
         self.clients_per_round = clients_per_round
         self.fraction = fraction
         self.eval_every = eval_every
         self.min_clients = min_clients
         self.round_timeout = round_timeout
+        self.straggler_fraction = straggler_fraction
+        self.local_epochs = 1
+        """E for stragglers: the learner's ``epochs`` (``run`` sets it)."""
+        self.client_states = ClientStates()
+        """The per-client state of the algorithm's server half (resumable in a run folder)."""
+        self.attack: Attack | None = None
+        self.attacked: frozenset[str] = frozenset()
+        """The clients the ``attack`` controls (fixed for the run)."""
         self.round_num = 0
         self.should_stop = False
         self.stopped_by: str | None = None
@@ -172,11 +193,17 @@ class Trainer:
         config: ExperimentConfig | None = None,
         recorder: RoundRecorder | None = None,
         index_of: Callable[[str], int] | None = None,
+        attack: Attack | None = None,
     ) -> Trainer:
         """Attach what a run provides: the global model, clients, runtime and callbacks.
 
         ``index_of`` gives a client's position in ``client_ids`` (it derives the client's
-        training seed); default: a lookup table built on first use.
+        training seed); default: a lookup table built on first use. ``attack`` simulates
+        Byzantine clients.
+
+        Raises:
+            ConfigError: for an empty federation, or arguments of the aggregator or attack
+                this federation cannot honour.
         """
         if not client_ids:
             raise ConfigError("a federation needs at least one client")
@@ -191,6 +218,9 @@ class Trainer:
         self.config = config
         self.recorder = recorder
         self._index_of = index_of or self._position
+        self.attack = attack
+        self.attacked = attack.choose(client_ids, seed) if attack is not None else frozenset()
+        aggregator.check_federation(len(client_ids), self.num_sampled)
         self._warn_clamped()
         return self
 
@@ -298,14 +328,38 @@ class Trainer:
         if problem is not None:
             raise ConfigError(f"must hold JSON values to reach the learners: {problem}",
                               "trainer.fit_config")
-        task = RoundTask(round_num, global_weights, dict(self.fit_config))
-        clients = [ClientTask(cid, derive_seed(self.seed, TRAIN, round_num, self._index_of(cid)))
-                   for cid in selected]
+        stragglers = self.stragglers(round_num, selected)
+        attacked = frozenset(c for c in selected if c in self.attacked) if self.attacked else frozenset()
+        self.client_states.round = round_num
+        aggregator.context = RoundContext(round_num, tuple(selected), len(self.client_ids),
+                                          self.client_states, frozenset(stragglers), attacked,
+                                          dict(self.fit_config))
+        plan = aggregator.configure_round(global_weights)
+        problem = json_problem(plan.values) or next(
+            (p for v in plan.client_values.values() if (p := json_problem(v))), None)
+        if problem is not None:
+            raise ConfigError(f"{type(aggregator).__name__}.configure_round must send JSON "
+                              f"values: {problem}", "aggregator.type")
+        task = RoundTask(round_num, global_weights, dict(self.fit_config), plan.tensors,
+                         plan.values)
+        attack_values = self.attack.client_values() if self.attack is not None else {}
+        clients = []
+        for cid in selected:
+            values = plan.client_values.get(cid, {})
+            if cid in stragglers:
+                values = {**values, EPOCHS: stragglers[cid]}
+            if attack_values and cid in attacked:
+                values = {**values, **attack_values}
+            clients.append(ClientTask(
+                cid, derive_seed(self.seed, TRAIN, round_num, self._index_of(cid)),
+                plan.client_tensors.get(cid, {}), values))
         deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
         outcomes = await runtime.train(task, clients, deadline)
         for client_id in runtime.take_joins():
             await self.callbacks.on_client_join(self, client_id)
         updates = await self.accept(round_num, outcomes, global_weights)
+        if attacked:
+            self._apply_attack(round_num, updates, attacked, global_weights)
         if self.device.type != "cpu":
             for update in updates:
                 update.weights = {k: v.to(self.device, non_blocking=True)
@@ -322,7 +376,31 @@ class Trainer:
         self._in_round = False
         if self.recorder is not None:
             self.recorder.record_round(self, row)
+        else:
+            self.client_states.collect(round_num)
         return result
+
+    def stragglers(self, round_num: int, selected: list[str]) -> dict[str, int]:
+        """The round's stragglers and the local epochs each does (``straggler_fraction`` of
+        ``selected``, epochs uniform in 1..E, all from the round's own seed)."""
+        count = round(self.straggler_fraction * len(selected))
+        if not count:
+            return {}
+        gen = rng(self.seed, STRAGGLERS, round_num)
+        picked = sorted(gen.choice(len(selected), size=count, replace=False))
+        epochs = gen.integers(1, self.local_epochs + 1, size=count)
+        return {selected[int(i)]: int(e) for i, e in zip(picked, epochs, strict=True)}
+
+    def _apply_attack(self, round_num: int, updates: list[ClientUpdate],
+                      attacked: frozenset[str], global_weights: Weights) -> None:
+        """What the attacked clients send instead of their honest updates (marked)."""
+        assert self.attack is not None
+        bad = [u for u in updates if u.client_id in attacked]
+        good = [u for u in updates if u.client_id not in attacked]
+        for update in bad:
+            update.attacked = True
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, ATTACK, round_num))
+        self.attack.apply(bad, good, global_weights, generator)
 
     def round_metrics(self, round_num: int, updates: list[ClientUpdate],
                       started: float) -> dict[str, float]:
@@ -344,9 +422,11 @@ class Trainer:
         Raises:
             RoundFailed: when fewer than ``min_clients`` usable updates remain.
         """
+        extras_check = (self.aggregator.update_problem if self.aggregator is not None
+                        else lambda update, reference: None)
         problems: list[str | None] = [
             outcome.error if isinstance(outcome, ClientFailure)
-            else update_problem(outcome, reference)
+            else update_problem(outcome, reference) or extras_check(outcome, reference)
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]

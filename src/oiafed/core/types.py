@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from oiafed.core.client_states import ClientStates
+
 Weights = dict[str, torch.Tensor]
 """A model's weights: parameter and buffer name -> tensor (a ``state_dict``)."""
 
@@ -66,6 +68,7 @@ class ClientUpdate:
         weights: the client's model weights after training.
         extra_tensors: named tensors the algorithm's client half returns (empty for FedAvg).
         extra_values: named JSON values the algorithm's client half returns.
+        attacked: the client is one a simulated ``attack`` controls (set by the server).
     """
 
     client_id: str
@@ -74,6 +77,8 @@ class ClientUpdate:
     weights: Weights
     extra_tensors: Tensors = field(default_factory=dict)
     extra_values: dict[str, JSON] = field(default_factory=dict)
+    attacked: bool = False
+    """Set by the server on the updates of clients a simulated ``attack`` controls."""
 
 
 @dataclass
@@ -153,3 +158,42 @@ class TrainResult:
     def final_metrics(self) -> dict[str, float]:
         """The last round's metrics (empty when no round ran)."""
         return self.history[-1] if self.history else {}
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What an algorithm's server half knows of the round it configures and aggregates.
+
+    Attributes:
+        round_num: the round (from 1).
+        sampled: the round's clients, in the order their tasks go out.
+        num_clients: clients in the federation (SCAFFOLD's N).
+        states: the per-client state the server half keeps (``ClientStates``: resumable).
+        stragglers: sampled clients told to do fewer local epochs this round
+            (``trainer.args.straggler_fraction``).
+        attacked: sampled clients a simulated ``attack`` controls.
+        fit_config: the round's settings sent to every learner (``lr``, ...).
+    """
+
+    round_num: int
+    sampled: tuple[str, ...]
+    num_clients: int
+    states: ClientStates
+    stragglers: frozenset[str] = frozenset()
+    attacked: frozenset[str] = frozenset()
+    fit_config: dict[str, JSON] = field(default_factory=dict)
+
+
+@dataclass
+class RoundPlan:
+    """What a server half sends the round's clients beside the global weights.
+
+    Attributes:
+        tensors, values: the same for every sampled client (encoded once per round).
+        client_tensors, client_values: client id -> what that client alone receives.
+    """
+
+    tensors: Tensors = field(default_factory=dict)
+    values: dict[str, JSON] = field(default_factory=dict)
+    client_tensors: dict[str, Tensors] = field(default_factory=dict)
+    client_values: dict[str, dict[str, JSON]] = field(default_factory=dict)

@@ -178,9 +178,13 @@ class ClientWorker:
         """Train ``client`` from ``task``; return its update, whose metrics hold ``time``: the
         seconds the learner's ``fit`` took (unless the learner put its own there)."""
         started = time.perf_counter()
+        extras = {"tensors": {**task.extra_tensors, **client.extra_tensors},
+                  "values": {**task.extra_values, **client.extra_values}}
+        if not (extras["tensors"] or extras["values"]):
+            extras = {}  # a user's learner without the keywords still trains FedAvg
         update = await self.learner.fit(
             client.client_id, task.weights, self.client_data(client.client_id),
-            round_num=task.round_num, seed=client.seed, config=task.config,
+            round_num=task.round_num, seed=client.seed, config=task.config, **extras,
         )
         update.metrics.setdefault("time", time.perf_counter() - started)
         return update
