@@ -70,15 +70,18 @@ class Attack(ABC):
 
 
 def deltas(updates: Sequence[ClientUpdate], global_weights: Weights, key: str) -> torch.Tensor:
-    """The updates' ``key`` minus the global one, stacked (float64)."""
+    """The updates' ``key`` minus the global one, stacked (float64, where the global one is:
+    the server's device, while updates arrive on the CPU)."""
     base = global_weights[key].double()
-    return torch.stack([u.weights[key].double() - base for u in updates])
+    return torch.stack([u.weights[key].to(base.device, torch.float64) - base for u in updates])
 
 
 def set_delta(update: ClientUpdate, global_weights: Weights, key: str, delta: torch.Tensor) -> None:
-    """Make ``update``'s ``key`` the global one plus ``delta`` (in its own dtype)."""
+    """Make ``update``'s ``key`` the global one plus ``delta`` (in its own dtype and on its
+    own device)."""
     base = global_weights[key]
-    update.weights[key] = (base.double() + delta).to(base.dtype)
+    value = base.double() + delta.to(base.device)
+    update.weights[key] = value.to(device=update.weights[key].device, dtype=base.dtype)
 
 
 def floating_keys(global_weights: Weights) -> list[str]:
@@ -117,6 +120,8 @@ class SignFlip(Attack):
 
     def apply(self, attacked: list[ClientUpdate], honest: list[ClientUpdate],
               global_weights: Weights, generator: torch.Generator) -> None:
+        if not attacked:  # every attacked client of the round failed
+            return
         for key in floating_keys(global_weights):
             for update, delta in zip(attacked, deltas(attacked, global_weights, key), strict=True):
                 set_delta(update, global_weights, key, -self.scale * delta)

@@ -193,6 +193,7 @@ def run(
             folder.save_state(trainer)
     finally:
         folder.close()
+    folder.collect_client_states(trainer)
     folder.write_summary(result)
     return result
 
@@ -210,6 +211,7 @@ def _end_failed(folder: RunFolder, trainer: Trainer, exc: BaseException,
         folder.save_pending()
     finally:
         folder.close()
+    folder.collect_client_states(trainer)
     if result.rounds_completed == 0 and folder.new and not folder.has_state() and folder.discard():
         return  # a failed start leaves no folder that blocks --run-dir
     folder.write_summary(result)

@@ -239,6 +239,13 @@ class RunFolder:
         elif self.durable_round is not None:
             states.collect(self.durable_round)
 
+    def collect_client_states(self, trainer: Any) -> None:
+        """After ``close``: keep only the per-client state versions the saved state needs."""
+        states = getattr(trainer, "client_states", None)
+        if states is not None and self._saved_round is not None:
+            self.durable_round = self._saved_round
+            states.collect(self._saved_round)
+
     def _write(self, round_num: int, snapshot: Snapshot) -> None:
         previous = self._saved_round
         self._state_writer.submit_snapshot(snapshot)  # after the write in flight is done

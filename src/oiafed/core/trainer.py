@@ -179,6 +179,7 @@ class Trainer:
         self._in_round = False
         self._index_of: Callable[[str], int] = self._position
         self._positions: dict[str, int] | None = None
+        self._parameters: tuple[str, ...] | None = None
 
     def bind(
         self,
@@ -208,6 +209,7 @@ class Trainer:
         if not client_ids:
             raise ConfigError("a federation needs at least one client")
         self.model = model
+        self._parameters = None
         self.aggregator = aggregator
         self.runtime = runtime
         self.callbacks = callbacks
@@ -333,7 +335,7 @@ class Trainer:
         self.client_states.round = round_num
         aggregator.context = RoundContext(round_num, tuple(selected), len(self.client_ids),
                                           self.client_states, frozenset(stragglers), attacked,
-                                          dict(self.fit_config))
+                                          dict(self.fit_config), self._parameter_names())
         plan = aggregator.configure_round(global_weights)
         problem = json_problem(plan.values) or next(
             (p for v in plan.client_values.values() if (p := json_problem(v))), None)
@@ -364,6 +366,8 @@ class Trainer:
             for update in updates:
                 update.weights = {k: v.to(self.device, non_blocking=True)
                                   for k, v in update.weights.items()}
+                update.extra_tensors = {k: v.to(self.device, non_blocking=True)
+                                        for k, v in update.extra_tensors.items()}
         await self.callbacks.on_aggregate_start(self, updates)
         weights = aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
@@ -379,6 +383,12 @@ class Trainer:
         else:
             self.client_states.collect(round_num)
         return result
+
+    def _parameter_names(self) -> tuple[str, ...]:
+        if self._parameters is None:
+            self._parameters = tuple(name for name, p in self.model.named_parameters()
+                                     if p.is_floating_point())
+        return self._parameters
 
     def stragglers(self, round_num: int, selected: list[str]) -> dict[str, int]:
         """The round's stragglers and the local epochs each does (``straggler_fraction`` of

@@ -173,6 +173,8 @@ class RoundContext:
             (``trainer.args.straggler_fraction``).
         attacked: sampled clients a simulated ``attack`` controls.
         fit_config: the round's settings sent to every learner (``lr``, ...).
+        parameter_names: the model's floating-point parameters (``named_parameters``), as
+            opposed to its buffers (BatchNorm statistics, counters).
     """
 
     round_num: int
@@ -182,6 +184,7 @@ class RoundContext:
     stragglers: frozenset[str] = frozenset()
     attacked: frozenset[str] = frozenset()
     fit_config: dict[str, JSON] = field(default_factory=dict)
+    parameter_names: tuple[str, ...] = ()
 
 
 @dataclass

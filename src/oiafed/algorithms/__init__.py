@@ -1,0 +1,10 @@
+"""Federated algorithms beyond FedAvg: one module each, its server half (an ``Aggregator``)
+and, where it needs one, its client half (a ``Learner``), paired by ``client_half``."""
+from oiafed.algorithms import (  # noqa: F401
+    feddyn,
+    fednova,
+    fedprox,
+    robust,
+    scaffold,
+    server_optimizers,
+)

@@ -1,0 +1,164 @@
+"""Every algorithm on every runtime: the same history for the same seed, and exact resume (after
+an interrupt at any round, and after SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import oiafed
+from oiafed.state import load_state
+from support import Interrupt, tiny_config, without_timing
+
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "fedavg": {},
+    "fedprox": {"mu": 0.1},
+    "scaffold": {},
+    "fednova": {},
+    "feddyn": {"alpha": 0.1},
+    "fedavgm": {},
+    "fedadam": {"server_lr": 0.05},
+    "fedyogi": {"server_lr": 0.05},
+    "fedadagrad": {"server_lr": 0.05},
+    "median": {},
+    "trimmed_mean": {"beta": 0.2},
+    "krum": {"f": 1},
+    "multi_krum": {"f": 1, "m": 3},
+}
+
+
+def config_of(name: str, rounds: int = 3, **sections: Any) -> dict[str, Any]:
+    """Six digits clients with label skew, five sampled a round, one straggler in five."""
+    defaults: dict[str, Any] = {
+        "name": name,
+        "data": {"type": "digits", "num_clients": 6,
+                 "partition": {"type": "dirichlet", "args": {"alpha": 0.5, "min_size": 5}}},
+        "trainer": {"args": {"rounds": rounds, "clients_per_round": 5,
+                             "straggler_fraction": 0.2}},
+        "learner": {"args": {"lr": 0.05, "batch_size": 32, "epochs": 2}},
+        "aggregator": {"type": name, "args": ALGORITHMS[name]},
+        "runtime": {"checkpoint_interval": 0},
+    }
+    return tiny_config(**{**defaults, **sections})
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_every_algorithm_is_registered_with_its_halves():
+    names = {n.split(".", 1)[1] for n in oiafed.registry.names("aggregator")}
+    assert set(ALGORITHMS) <= names
+    for name in ("fedprox", "scaffold", "fednova", "feddyn"):
+        assert oiafed.validate(config_of(name)).learner.type == name
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, name):
+    config = config_of(name, rounds=4)
+    whole = oiafed.run(config, run_dir=tmp_path / "whole")
+    assert all(row["accuracy"] == row["accuracy"] for row in whole.history)  # finite, not NaN
+    with pytest.raises(KeyboardInterrupt):
+        oiafed.run(config, run_dir=tmp_path / "cut", callbacks=[Interrupt(3)])
+    resumed = oiafed.run(None, resume=tmp_path / "cut")
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert_same_weights(resumed.weights, whole.weights)
+
+
+def test_per_client_state_versions_are_collected(tmp_path):
+    oiafed.run(config_of("scaffold", rounds=4), run_dir=tmp_path / "run")
+    files = sorted(p.name for p in (tmp_path / "run" / "client_state").iterdir())
+    clients = [name.split("@")[0] for name in files]
+    assert len(clients) == len(set(clients)) == 6  # one version per client once all is saved
+
+
+@pytest.fixture(scope="module")
+def shared_ray() -> Any:
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialised in this process")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["parallel", "ray", "grpc"])
+def test_every_algorithm_gives_the_serial_history_on_other_runtimes(tmp_path, request, mode):
+    if mode == "ray":
+        request.getfixturevalue("shared_ray")
+    runtime = {"mode": mode, "workers": 2, "checkpoint_interval": 0}
+    for name in ALGORITHMS:
+        serial = oiafed.run(config_of(name), run_dir=tmp_path / f"{name}-serial")
+        other = oiafed.run(config_of(name, runtime=runtime), run_dir=tmp_path / f"{name}-{mode}")
+        assert without_timing(other.history) == without_timing(serial.history), name
+        assert_same_weights(other.weights, serial.weights)
+
+
+SLOW_MODULE = textwrap.dedent('''
+    import time
+    from oiafed import Callback, register
+
+    @register("callback.slow_rounds")
+    class SlowRounds(Callback):
+        """Gives a test time to kill the run between rounds."""
+
+        def __init__(self, seconds: float = 0.3):
+            self.seconds = seconds
+
+        async def on_round_end(self, trainer, round_num, result, **kwargs):
+            time.sleep(self.seconds)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam"])
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, name):
+    (tmp_path / "slow_rounds.py").write_text(SLOW_MODULE)
+    config = config_of(name, rounds=6, imports=["slow_rounds"],
+                       callbacks=[{"type": "slow_rounds", "args": {"seconds": 0.3}}])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "oiafed.cli", "run"]
+    process = subprocess.Popen([*command, str(config_file), "--run-dir", str(run_dir), "-q"],
+                               env=env, cwd=tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    resumed = subprocess.run([*command, "--resume", str(run_dir), "-q"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        whole = oiafed.run(config, run_dir=tmp_path / "whole",
+                           overrides=["callbacks.0.args.seconds=0"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["round"] for row in rows] == list(range(1, 7))
+    assert without_timing(rows) == without_timing(whole.history)
+    assert_same_weights(load_state(run_dir)["trainer"]["weights"], whole.weights)
