@@ -143,3 +143,20 @@ def test_readme_inference_snippet_runs(tmp_path, monkeypatch, capsys):
         assert model.state_dict()[key].equal(value), key
     assert predicted.shape == (5,)
     assert capsys.readouterr().out.startswith(f"predicted {predicted.tolist()} true [")
+
+
+def test_algorithms_page_example_trains_with_both_halves(tmp_path):
+    import oiafed
+    from support import tiny_config
+
+    (block,) = [body for fence, body in code_blocks(DOCS / "algorithms.md")
+                if fence == "```python"]
+    with RegistrySnapshot():
+        exec(compile(block, "algorithms.md[python]", "exec"), {"__name__": "algorithms_page"})
+        config = tiny_config(aggregator={"type": "scaled_sgd", "args": {"scale": 0.5}},
+                             trainer={"args": {"rounds": 2}})
+        assert oiafed.validate(config).learner.type == "scaled_sgd"
+        result = oiafed.run(config, run_dir=tmp_path / "run")
+        plain = oiafed.run(tiny_config(trainer={"args": {"rounds": 2}}), run_dir=tmp_path / "p")
+    assert result.rounds_completed == 2
+    assert result.history[0]["train_loss"] != plain.history[0]["train_loss"]  # it did scale
