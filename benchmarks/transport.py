@@ -72,13 +72,14 @@ async def _round_trips(weights: dict[str, torch.Tensor], clients: int, reps: int
     from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
     from oiafed.runtime.base import RunEnd, RunSpec
     from oiafed.runtime.grpc import GrpcRuntime, ServerSecurity
+    from oiafed.runtime.grpc.auth import client_token
 
-    token = secrets.token_urlsafe(16)
+    secret = secrets.token_urlsafe(32)
     client_ids = [f"client_{i}" for i in range(clients)]
-    runtime = GrpcRuntime("127.0.0.1:0", ServerSecurity(token), min_join=0)
+    runtime = GrpcRuntime("127.0.0.1:0", ServerSecurity(secret), min_join=0)
     await runtime.start(RunSpec(client_ids=client_ids, num_sampled=clients))
     processes = [subprocess.Popen([sys.executable, __file__, "--echo-client", str(runtime.port), cid],
-                                  env={**os.environ, "OIAFED_TOKEN": token})
+                                  env={**os.environ, "OIAFED_TOKEN": client_token(secret, cid)})
                  for cid in client_ids]
     try:
         deadline = time.monotonic() + 300

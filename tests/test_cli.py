@@ -271,7 +271,7 @@ def test_ctrl_c_stops_a_run_within_a_round_and_exits_130(workdir: Path, mode: st
 
 @pytest.mark.parametrize(("name", "message"), [
     ("run_unknown_type", "aggregator.type: unknown aggregator 'fedavgg'. Did you mean 'fedavg'? "
-                         "Known aggregators: fedavg"),
+                         "Known aggregators: fedadagrad, fedadam, fedavg, "),
     ("run_bad_override", "override 'trainer.args.rounds' must look like key.path=value"),
     ("validate_unknown_key", "epochs: unknown key"),
     ("validate_bad_value", "data.num_clients: Input should be greater than or equal to 1"),

@@ -25,9 +25,10 @@ import yaml
 
 import oiafed
 from oiafed import Callback
+from oiafed.runtime.grpc.auth import client_token
 from oiafed.state import load_state
 from support import tiny_config, without_timing
-from test_grpc_transport import make_certificates
+from test_grpc_transport import TOKEN, make_certificates
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -208,6 +209,7 @@ def processes(tmp_path: Path, hooks: Path) -> Iterator[Processes]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), *sys.path]),
            "OMP_NUM_THREADS": "1", "COLUMNS": "250", "NO_COLOR": "1"}
     env.pop("OIAFED_TOKEN", None)
+    env.pop("OIAFED_SECRET", None)
     group = Processes(tmp_path, env)
     try:
         yield group
@@ -224,8 +226,8 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 120) -> 
 
 
 def test_server_and_clients_over_mutual_tls_survive_a_killed_client(tmp_path, processes):
-    certs = make_certificates(tmp_path)
-    (tmp_path / "token").write_text("the-shared-secret\n")
+    certs = make_certificates(tmp_path, {f"client_{i}": [f"client_{i}"] * 2 for i in range(4)})
+    (tmp_path / "secret").write_text(TOKEN + "\n")
     gates = tmp_path / "gates"
     gates.mkdir()
     config = tiny_config(imports=["grpc_test_hooks"],
@@ -234,16 +236,16 @@ def test_server_and_clients_over_mutual_tls_survive_a_killed_client(tmp_path, pr
                                     {"type": "gate", "args": {"folder": str(gates), "rounds": [1, 2]}}])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     address = f"127.0.0.1:{free_port()}"
-    tls = ["--tls-ca", str(certs["ca.pem"]), "--tls-cert", str(certs["client.pem"]),
-           "--tls-key", str(certs["client.key"])]
-    good = {"OIAFED_TOKEN": "the-shared-secret"}
 
-    def client(name: str, cid: str, env: dict[str, str] = good) -> subprocess.Popen[str]:
+    def client(name: str, cid: str, token: str | None = None) -> subprocess.Popen[str]:
+        tls = ["--tls-ca", str(certs["ca.pem"]), "--tls-cert", str(certs[f"{cid}.pem"]),
+               "--tls-key", str(certs[f"{cid}.key"])]
         return processes.start(name, "client", "config.yaml", "--server", address,
-                               "--client-id", cid, "--threads", "1", *tls, env=env)
+                               "--client-id", cid, "--threads", "1", *tls,
+                               env={"OIAFED_TOKEN": token or client_token(TOKEN, cid)})
 
     processes.start("server", "server", "config.yaml", "--address", address, "--run-dir", "run",
-                    "--token-file", "token", "--tls-cert", str(certs["server.pem"]),
+                    "--secret-file", "secret", "--tls-cert", str(certs["server.pem"]),
                     "--tls-key", str(certs["server.key"]), "--tls-client-ca", str(certs["ca.pem"]))
     for i in range(4):
         client(f"client_{i}", f"client_{i}")
@@ -252,7 +254,7 @@ def test_server_and_clients_over_mutual_tls_survive_a_killed_client(tmp_path, pr
     victim = processes.started["client_3"]
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    client("intruder", "client_0", env={"OIAFED_TOKEN": "a-wrong-guess"})
+    client("intruder", "client_0", token="a-wrong-guess")
     assert processes.wait("intruder") == 2
     (gates / "go-1").touch()
 
@@ -323,7 +325,8 @@ def test_bad_deployment_input_exits_2(tmp_path, processes):
                     "--client-id", "client_0", "--reconnect-timeout", "0.5",
                     env={"OIAFED_TOKEN": "x"})
     assert processes.wait("no_token") == 2
-    assert "no token: the server needs the shared token in $OIAFED_TOKEN" in processes.log("no_token")
+    assert "no secret: the server needs the secret that clients' tokens derive from in " \
+           "$OIAFED_SECRET" in " ".join(processes.log("no_token").split())
     assert not (tmp_path / "runs").exists()
     assert processes.wait("bad_id") == 2
     assert "unknown client id 'client_9': the config has client_0 .. client_3" in processes.log("bad_id")
@@ -380,10 +383,10 @@ def test_a_frozen_client_process_is_dropped_without_a_round_timeout():
     weights = {"w": torch.zeros(3)}
 
     async def scenario():
-        runtime = Served(trainer, "127.0.0.1:0", ServerSecurity("token"), min_join=0)
+        runtime = Served(trainer, "127.0.0.1:0", ServerSecurity(TOKEN), min_join=0)
         await runtime.start()
         client = subprocess.Popen([sys.executable, "-c", ECHO_CLIENT, f"127.0.0.1:{runtime.port}"],
-                                  env={**os.environ, "OIAFED_TOKEN": "token"})
+                                  env={**os.environ, "OIAFED_TOKEN": client_token(TOKEN, "client_0")})
         try:
             deadline = time.monotonic() + 120
             while "client_0" not in runtime.sessions:

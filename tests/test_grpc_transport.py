@@ -33,12 +33,11 @@ from oiafed.runtime.base import RunEnd
 from oiafed.runtime.codec import encode_weights
 from oiafed.runtime.envelope import PROTOCOL, decode_client, decode_round, pack_update
 from oiafed.runtime.grpc import ClientSecurity, GrpcRuntime, ServerSecurity
-from oiafed.runtime.grpc.auth import read_token
+from oiafed.runtime.grpc.auth import client_token, read_secret, read_token
 from oiafed.runtime.grpc.client import (
     FederationClient,
     Finished,
     RefusedError,
-    ServerUnreachable,
 )
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
@@ -47,7 +46,8 @@ from oiafed.runtime.worker import TaskReply
 
 pytestmark = pytest.mark.timeout(120)
 
-TOKEN = "a-test-token-of-some-length"
+TOKEN = "a-test-secret-that-every-client-token-derives-from"
+"""The server's secret: a client's own token is ``client_token(TOKEN, its id)``."""
 WEIGHTS = {"w": torch.randn(5, 3, generator=torch.Generator().manual_seed(0)),
            "b": torch.zeros(3)}
 
@@ -163,10 +163,11 @@ class ClientThread:
     """A ``FederationClient`` running in a thread; ``result``/``error`` when it ends."""
 
     def __init__(self, port: int, client_id: str, train: Callable[[Task], ClientUpdate],
-                 security: ClientSecurity | None = None, reconnect_timeout: float = 10.0) -> None:
+                 security: ClientSecurity | None = None, reconnect_timeout: float = 10.0,
+                 **options: Any) -> None:
         self.client = FederationClient(f"127.0.0.1:{port}", client_id, as_execute(train),
-                                       security or ClientSecurity(TOKEN),
-                                       reconnect_timeout=reconnect_timeout)
+                                       security or ClientSecurity(client_token(TOKEN, client_id)),
+                                       reconnect_timeout=reconnect_timeout, **options)
         self.result: Any = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -243,7 +244,8 @@ def test_extras_of_any_size_travel_both_ways_beside_small_weights():
     async def scenario():
         async with serving(trainer) as runtime:
             client = FederationClient(f"127.0.0.1:{runtime.port}", "client_0", execute,
-                                      ClientSecurity(TOKEN), reconnect_timeout=10.0)
+                                      ClientSecurity(client_token(TOKEN, "client_0")),
+                                      reconnect_timeout=10.0)
             thread = threading.Thread(target=client.run, daemon=True)
             thread.start()
             await joined(runtime, "client_0")
@@ -367,10 +369,17 @@ def test_unknown_client_ids_and_other_models_are_refused():
 
 def test_the_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("OIAFED_TOKEN", raising=False)
+    monkeypatch.delenv("OIAFED_SECRET", raising=False)
     with pytest.raises(InputError, match=r"OIAFED_TOKEN or a file given with --token-file"):
         read_token()
-    with pytest.raises(InputError, match="no token"):
+    with pytest.raises(InputError, match=r"no secret: .*OIAFED_SECRET or a file given with "
+                                         r"--secret-file"):
         ServerSecurity.from_options()
+    monkeypatch.setenv("OIAFED_SECRET", f" {TOKEN} \n")
+    assert read_secret() == TOKEN and ServerSecurity.from_options().secret == TOKEN
+    (tmp_path / "short").write_text("a-secret-of-31-characters-only.")
+    with pytest.raises(InputError, match="the secret has 31 characters, fewer than 32"):
+        ServerSecurity.from_options(secret_file=tmp_path / "short")
     monkeypatch.setenv("OIAFED_TOKEN", " from-env \n")
     assert read_token() == "from-env"
     (tmp_path / "token").write_text("from-file\n")
@@ -380,16 +389,17 @@ def test_the_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
         read_token(tmp_path / "empty")
     with pytest.raises(InputError, match="cannot read the token file"):
         read_token(tmp_path / "missing")
-    assert ServerSecurity.from_options(no_token=True).token is None
+    assert ServerSecurity.from_options(no_token=True).secret is None
     with pytest.raises(InputError, match="--tls-cert and --tls-key go together"):
         ServerSecurity.from_options(tls_cert="x.pem")
     with pytest.raises(InputError, match="HOST:PORT"):
         parse_address("localhost")
 
 
-def make_certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and an unrelated
-    CA, as PEM files in ``folder``."""
+def make_certificates(folder: Path, clients: dict[str, list[str]] | None = None) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate (``client``: CN
+    and DNS SAN client_0), and an unrelated CA, as PEM files in ``folder``; ``clients``: more
+    client certificates, by label: their common name then DNS SANs."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -429,8 +439,10 @@ def make_certificates(folder: Path) -> dict[str, Path]:
         "other_ca": authority("some other CA"),
         "server": leaf("oiafed server", ca, ExtendedKeyUsageOID.SERVER_AUTH,
                        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-        "client": leaf("client_0", ca, ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("client_0")]),
     }
+    for label, (common_name, *sans) in {"client": ["client_0", "client_0"], **(clients or {})}.items():
+        pairs[label] = leaf(common_name, ca, ExtendedKeyUsageOID.CLIENT_AUTH,
+                            [x509.DNSName(san) for san in sans])
     files = {}
     for label, (key, cert) in pairs.items():
         files[f"{label}.pem"] = folder / f"{label}.pem"
@@ -449,7 +461,7 @@ def test_tls_and_mutual_tls(tmp_path):
 
     def tls_client(port: int, **files: Any) -> ClientThread:
         return ClientThread(port, "client_0", echo("client_0"), reconnect_timeout=2,
-                            security=ClientSecurity(TOKEN, **files))
+                            security=ClientSecurity(client_token(TOKEN, "client_0"), **files))
 
     async def scenario(security: ServerSecurity, attempts: dict[str, dict[str, Any]]):
         results = {}
@@ -472,9 +484,9 @@ def test_tls_and_mutual_tls(tmp_path):
     }))
     assert isinstance(results["ok"][0], ClientUpdate)
     assert isinstance(results["wrong_ca"], RefusedError), results["wrong_ca"]
-    assert "TLS with 127.0.0.1" in str(results["wrong_ca"])
-    assert isinstance(results["plaintext"], ServerUnreachable)
-    assert "does it use TLS (--tls-ca)" in str(results["plaintext"])
+    assert "--tls-ca must be the CA that signed it" in str(results["wrong_ca"])
+    assert isinstance(results["plaintext"], RefusedError), results["plaintext"]
+    assert "uses TLS, but this client connects in plaintext" in str(results["plaintext"])
 
     mutual = ServerSecurity(TOKEN, tls_cert=certs["server.pem"], tls_key=certs["server.key"],
                             tls_client_ca=certs["ca.pem"])
@@ -484,8 +496,8 @@ def test_tls_and_mutual_tls(tmp_path):
         "no_client_cert": {"tls_ca": certs["ca.pem"]},
     }))
     assert isinstance(results["ok"][0], ClientUpdate)
-    assert isinstance(results["no_client_cert"], ServerUnreachable)
-    assert "mutual TLS (--tls-cert, --tls-key)" in str(results["no_client_cert"])
+    assert isinstance(results["no_client_cert"], RefusedError), results["no_client_cert"]
+    assert "requires a client certificate (mutual TLS)" in str(results["no_client_cert"])
 
 
 # -- failures -------------------------------------------------------------------------------------
@@ -534,9 +546,10 @@ def test_bad_updates_are_rejected_and_left_out_of_the_round(caplog):
 
 async def rogue_client(port: int, client_id: str, payload: bytes, *, declared: int | None = None,
                        hang_up: bool = False) -> None:
-    """A hand-written client (right token) that answers its first task with ``payload``."""
+    """A hand-written client (its own token) that answers its first task with ``payload``."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.FederationStub(channel).Connect(metadata=[("authorization", f"Bearer {TOKEN}")])
+        call = pb_grpc.FederationStub(channel).Connect(
+            metadata=ClientSecurity(client_token(TOKEN, client_id)).metadata(client_id))
         await call.write(pb.ClientMessage(hello=pb.Hello(client_id=client_id, protocol=PROTOCOL)))
         assert (await call.read()).WhichOneof("kind") == "welcome"
         task = (await call.read()).task

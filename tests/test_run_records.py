@@ -226,7 +226,8 @@ def test_clients_jsonl_has_a_row_per_sampled_client_and_round(tmp_path):
     assert failed[0]["error"] == "ValueError: no data for client_1"
     log = (tmp_path / "run" / "run.log").read_text()
     assert "left out client_1: ValueError: no data for client_1" in log
-    assert "Traceback (most recent call last)" in log
+    assert "\n  | Traceback (most recent call last)" in log  # the failure's own lines, marked
+    assert not [line for line in log.splitlines() if line.startswith("Traceback")]
 
 
 def test_resume_drops_the_client_rows_of_rounds_it_redoes(tmp_path):
@@ -267,7 +268,8 @@ def test_config_yaml_holds_every_argument_and_gives_the_same_run(tmp_path):
     written = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
     assert written["trainer"]["args"] == {"rounds": 2, "clients_per_round": 2, "fraction": None,
                                           "eval_every": 1, "min_clients": 1,
-                                          "round_timeout": None, "straggler_fraction": 0.0}
+                                          "round_timeout": None, "straggler_fraction": 0.0,
+                                          "max_update_norm_ratio": 1000.0}
     assert written["learner"]["args"]["lr"] == 0.05  # the user's value
     assert written["learner"]["args"]["momentum"] == 0.0  # a default
     assert written["aggregator"]["args"] == {"weighted": True, "drop_stragglers": False}

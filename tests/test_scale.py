@@ -8,16 +8,27 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import torch
+from torch import nn
 
 import oiafed
-from oiafed.config import load_config
+from oiafed.attacks import SignFlip
+from oiafed.callbacks.base import CallbackManager
+from oiafed.config import DataConfig, load_config
+from oiafed.core.aggregators import FedAvg
 from oiafed.core.trainer import Trainer
-from oiafed.data.federated import ClientIds
+from oiafed.core.types import ClientTask, Outcome, RoundTask
+from oiafed.data.federated import MAX_CLIENTS, ClientIds, build_federated_data
 from oiafed.data.leaf import LeafSynthetic
+from oiafed.exceptions import ConfigError, SelectionError
 from oiafed.run import Experiment, run_coroutine
+from oiafed.seeding import TRAIN, derive_seed
+from oiafed.testing import ScriptedRuntime
 from support import without_timing
 
 GIB = 1024**3
@@ -127,3 +138,82 @@ def test_selection_stays_deterministic_per_round() -> None:
     first = [trainer.select_clients(r) for r in (1, 2, 3)]
     assert [trainer.select_clients(r) for r in (1, 2, 3)] == first
     assert len({tuple(ids) for ids in first}) == 3
+
+
+# -- client ids cost nothing per client not sampled ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_10_million_clients_build_and_run_without_memory_per_client(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import json, resource
+        from oiafed.config import load_config
+        from oiafed.run import Experiment, run_coroutine
+        cfg = load_config({scale_config(10_000_000, rounds=2, sampled=10)!r})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result = run_coroutine(Experiment.build(cfg).trainer.fit())
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({{"growth": after - before, "history": result.history}}))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=240, check=False, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["num_clients"] for row in report["history"]] == [10, 10]
+    # ~90 MiB whatever the federation's size; listed ids cost ~100 bytes each (~950 MiB here).
+    assert report["growth"] < 300 * 2**20, f"grew {report['growth'] / 2**20:.0f} MiB"
+
+
+class RecordingRuntime(ScriptedRuntime):
+    """``ScriptedRuntime`` that keeps every client task it was given."""
+
+    def __init__(self) -> None:
+        self.tasks: list[ClientTask] = []
+
+    async def train(self, task: RoundTask, clients: Sequence[ClientTask],
+                    deadline: float | None) -> list[Outcome]:
+        self.tasks.extend(clients)
+        return await super().train(task, clients, deadline)
+
+
+def test_a_trainer_of_a_million_client_ids_stores_none_of_them() -> None:
+    ids, last = ClientIds(1_000_000), "client_999999"
+    trainer, runtime = Trainer(rounds=1, clients_per_round=2), RecordingRuntime()
+    tracemalloc.start()
+    try:
+        trainer.bind(model=nn.Linear(2, 2), aggregator=FedAvg(), runtime=runtime,
+                     callbacks=CallbackManager(), test_data=None, client_ids=ids, seed=5,
+                     attack=SignFlip(clients=[last]))
+        trainer.client_selection_weights = {last: 1.0, "client_7": 1.0}
+        result = run_coroutine(trainer.fit())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A set of the ids alone would take ~100 MB; membership, index and attack need none.
+    assert peak < 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert result.rounds_completed == 1 and trainer.attacked == {last}
+    assert [(t.client_id, t.seed) for t in runtime.tasks] == [
+        ("client_7", derive_seed(5, TRAIN, 1, 7)), (last, derive_seed(5, TRAIN, 1, 999_999))]
+    trainer.client_selection_weights = {"client_1000000": 1.0}
+    with pytest.raises(SelectionError, match="unknown client 'client_1000000'"):
+        trainer.select_clients(2)
+    with pytest.raises(ConfigError, match="'client_01'") as info:
+        SignFlip(clients=["client_01"]).choose(ids, 0)
+    assert info.value.path == "attack.args.clients"
+
+
+def test_federations_up_to_2_to_the_53_clients_build_and_larger_ones_are_config_errors() -> None:
+    for num_clients in (MAX_CLIENTS + 1, 2**63, 10**30):
+        cfg = DataConfig.model_validate({"type": "synthetic", "num_clients": num_clients})
+        with pytest.raises(ConfigError, match=r"at most 2\*\*53") as info:
+            build_federated_data(cfg, 0)
+        assert info.value.path == "data.num_clients"
+        with pytest.raises(ValueError, match="num_clients must be in"):
+            ClientIds(num_clients)
+    cfg = DataConfig.model_validate({"type": "synthetic", "num_clients": MAX_CLIENTS,
+                                     "args": {"test_clients": 3}})
+    data = build_federated_data(cfg, 0)
+    last = data.client_ids[-1]
+    assert data.num_clients == MAX_CLIENTS and last == f"client_{MAX_CLIENTS - 1}"
+    assert data.index_of(last) == MAX_CLIENTS - 1 and len(data.client_data(last)) > 0

@@ -19,6 +19,7 @@ import torch
 
 from oiafed.core.learner import LABEL_FLIP
 from oiafed.core.types import JSON, ClientUpdate, Weights
+from oiafed.data.federated import id_set
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 from oiafed.seeding import ATTACK, rng
@@ -45,9 +46,14 @@ class Attack(ABC):
         self.clients = clients
 
     def choose(self, client_ids: Sequence[str], seed: int) -> frozenset[str]:
-        """The attacked clients of this federation (the same in every run of the seed)."""
+        """The attacked clients of this federation (the same in every run of the seed).
+
+        Memory: with ``clients``, O(named clients); with ``fraction``, O(attacked clients), and
+        for a moment O(all clients) when more than 1 in 50 are drawn (NumPy's draw without
+        replacement then shuffles every index).
+        """
         if self.clients is not None:
-            known = set(client_ids)
+            known = id_set(client_ids)
             unknown = [cid for cid in self.clients if cid not in known]
             if unknown:
                 raise ConfigError(f"names clients the federation does not have: "

@@ -1,4 +1,4 @@
-"""The ``oiafed`` command: run, validate, list; server and client of a deployment.
+"""The ``oiafed`` command: run, validate, list; server, client and tokens of a deployment.
 Exit 0 ok, 2 bad input, 1 failure."""
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     server_cmd = commands.add_parser(
         "server", help="serve a deployment: train with the clients that join over gRPC",
         description="Run the trainer of CONFIG as a gRPC server; wait for the clients "
-                    "(oiafed client) to join, train, tell them to finish. The shared token comes "
-                    "from $OIAFED_TOKEN or --token-file.")
+                    "(oiafed client) to join, train, tell them to finish. Each client presents "
+                    "its own token, derived from the secret in $OIAFED_SECRET or --secret-file "
+                    "(oiafed token prints it).")
     server_cmd.add_argument("config", nargs="?", help="path of the YAML config (not needed with --resume)")
     server_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     server_cmd.add_argument("--address", required=True, metavar="HOST:PORT",
@@ -66,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     server_cmd.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>-<time>)")
     server_cmd.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     server_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    _security_flags(server_cmd)
+    _security_flags(server_cmd, "--secret-file",
+                    "file holding the secret that clients' tokens derive from (default: "
+                    "$OIAFED_SECRET; at least 32 characters)")
     server_cmd.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
     server_cmd.add_argument("--tls-key", metavar="PEM", help="the server's private key")
     server_cmd.add_argument("--tls-client-ca", metavar="PEM",
@@ -81,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     client_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     client_cmd.add_argument("--server", required=True, metavar="HOST:PORT", help="the server")
     client_cmd.add_argument("--client-id", required=True, metavar="ID", help="e.g. client_3")
-    _security_flags(client_cmd)
+    _security_flags(client_cmd, "--token-file",
+                    "file holding this client's own token (default: $OIAFED_TOKEN)")
     client_cmd.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate (turns TLS on)")
     client_cmd.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (mutual TLS)")
     client_cmd.add_argument("--tls-key", metavar="PEM", help="this client's private key (mutual TLS)")
@@ -96,14 +100,23 @@ def _parser() -> argparse.ArgumentParser:
                                  "(sets runtime.device; default: the config's)")
     client_cmd.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
                             help="give up after this long without reaching the server (default 300)")
+
+    token_cmd = commands.add_parser(
+        "token", help="print clients' own tokens, derived from the server's secret",
+        description="Print the token of each CLIENT_ID, one a line in the order given, derived "
+                    "from the server's secret ($OIAFED_SECRET or --secret-file); hand each client "
+                    "its own (its $OIAFED_TOKEN or --token-file).")
+    token_cmd.add_argument("client_ids", nargs="+", metavar="CLIENT_ID", help="e.g. client_3")
+    token_cmd.add_argument("--secret-file", metavar="FILE",
+                           help="file holding the server's secret (default: $OIAFED_SECRET)")
     return parser
 
 
-def _security_flags(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--token-file", metavar="FILE",
-                         help="file holding the shared token (default: $OIAFED_TOKEN)")
+def _security_flags(command: argparse.ArgumentParser, file_flag: str, file_help: str) -> None:
+    command.add_argument(file_flag, metavar="FILE", help=file_help)
     command.add_argument("--no-token", action="store_true",
-                         help="no token (anyone who reaches the server joins): trusted networks only")
+                         help="no token (anyone who reaches the server joins as any client, or with "
+                              "mutual TLS as the id its certificate names): trusted networks only")
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
@@ -143,7 +156,7 @@ def _server(args: argparse.Namespace, console: Console) -> None:
         args.overrides, args.config = [args.config, *args.overrides], None
     parse_address(args.address, "--address")
     security = ServerSecurity.from_options(
-        token_file=args.token_file, no_token=args.no_token, tls_cert=args.tls_cert,
+        secret_file=args.secret_file, no_token=args.no_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     # JSON strings are YAML strings: an address like [::]:50051 stays a string.
     overrides = [*args.overrides, "runtime.mode=grpc", f"runtime.address={json.dumps(args.address)}"]
@@ -184,6 +197,16 @@ def _client(args: argparse.Namespace, console: Console) -> int:
     console.print(f"{args.client_id}: the server ended the run: {finished.reason}",
                   highlight=False, soft_wrap=True)
     return 0 if finished.ok else 1
+
+
+def _token(args: argparse.Namespace, console: Console) -> None:
+    from oiafed.runtime.grpc.auth import ServerSecurity, client_token
+
+    secret = ServerSecurity.from_options(secret_file=args.secret_file).secret
+    assert secret is not None  # required: from_options raises without one
+    for client_id in args.client_ids:
+        console.print(client_token(secret, client_id), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _validate(args: argparse.Namespace, console: Console) -> None:
@@ -264,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list" and args.name and "=" in args.name:  # not a name: an override
         extra = [args.name, *extra]
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray or (extra and args.command == "list"):
+    if stray or (extra and args.command in ("list", "token")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -278,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers=[_console_handler(console)],
     )
     handlers: dict[str, Any] = {"run": _run, "validate": _validate, "list": _list,
-                                "server": _server, "client": _client}
+                                "server": _server, "client": _client, "token": _token}
     try:
         code = handlers[args.command](args, Console())
     except BaseException as exc:  # every way out is mapped by exceptions.exit_code

@@ -38,7 +38,10 @@ from oiafed.io import atomic_open
 
 SUFFIX = ".safetensors"
 VALUES_KEY = "oiafed.values"
-_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+"""What a client id may be (``fullmatch``): letters, digits, ``_``, ``.`` and ``-`` (not
+first), at most 200 characters. Ids name state files and appear in logs: the gRPC server
+refuses a Hello with any other id, and a message naming one is malformed (``envelope``)."""
 
 State = dict[str, Any]
 
@@ -117,7 +120,7 @@ class ClientStateStore:
         with self._lock:
             if client_id in self._memory:
                 return True
-            file = self._file(client_id, create=False) if _SAFE_ID.fullmatch(client_id) else None
+            file = self._file(client_id, create=False) if CLIENT_ID_PATTERN.fullmatch(client_id) else None
             return file is not None and file.is_file()
 
     @property
@@ -216,7 +219,7 @@ def check_state(client_id: str, state: Any) -> None:
 
 
 def _check_id(client_id: Any) -> None:
-    if not isinstance(client_id, str) or not _SAFE_ID.fullmatch(client_id):
+    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise ClientStateError(
             f"client id {client_id!r} cannot name a state file: use letters, digits, '_', '.', '-' "
             "(not first), at most 200 characters")

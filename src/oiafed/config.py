@@ -26,6 +26,13 @@ INJECTED_ARGS = {"model": {"input_shape", "num_classes"},
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 """The device names a config may give (``device``, ``runtime.device``)."""
 
+MAX_CONFIG_DEPTH = 32
+"""How deeply a config's mappings and lists may nest (the top level is 0)."""
+MAX_CONFIG_SIZE = 2_000_000
+"""The most characters a config may take written out as JSON, each YAML alias expanded where
+it is used (a config is usually a few thousand): aliases of aliases cannot blow up a small file
+into a huge ``config.yaml``, or into huge arguments of a component that takes ``**kwargs``."""
+
 
 def check_device_name(value: str) -> str:
     """``value`` when it is a device name a config may give (else a ValueError, which the
@@ -97,6 +104,14 @@ class RuntimeConfig(_Strict):
     """grpc: clients that must have joined before the first round (default: all of them)."""
     join_timeout: float | None = Field(None, gt=0)
     """grpc: seconds the server waits for them (default: no limit; 300 on loopback)."""
+    hello_timeout: float = Field(10.0, gt=0)
+    """grpc: seconds a new stream has to say Hello before the server closes it."""
+    max_streams: int | None = Field(None, ge=1)
+    """grpc: the most streams the server holds open at once (default: twice the number of
+    clients, plus 16); more are refused, and their clients retry."""
+    max_task_bytes: int = Field(1 << 32, ge=1 << 20)
+    """grpc: the largest task a client accepts, in bytes (default 4 GiB); a larger one is
+    answered with an error, never allocated."""
     num_cpus_per_client: float = Field(1.0, gt=0)
     """ray: CPUs reserved by each actor."""
     num_gpus_per_client: float = Field(0.0, ge=0)
@@ -118,7 +133,7 @@ class ExperimentConfig(_Strict):
     YAML file is not: ``read_yaml``)."""
 
     name: str = Field("experiment", min_length=1, pattern=r"^[\w.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     output_dir: str = "runs"
     imports: list[str] = Field(default_factory=list)
     strict: bool = False
@@ -177,6 +192,41 @@ def _path(loc: tuple[Any, ...]) -> str:
     return text or "(config)"
 
 
+def check_size(raw: Any) -> None:
+    """Refuse a config that nests deeper than ``MAX_CONFIG_DEPTH`` or is larger than
+    ``MAX_CONFIG_SIZE`` characters written out as JSON, each YAML alias expanded where it is
+    used (what ``config.yaml`` and the components would get). It stops at the bounds and never
+    recurses, so neither a deep nor an exponential config costs more than the bound.
+
+    Raises:
+        ConfigError: naming where the bound was crossed.
+    """
+    size = 0
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(raw, ())]
+    while stack:
+        value, loc = stack.pop()
+        if len(loc) > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"nested deeper than {MAX_CONFIG_DEPTH} levels", _short_path(loc))
+        if isinstance(value, dict):
+            size += 2 + len(value) + sum(len(str(key)) + 3 for key in value)
+            children: Any = ((item, (*loc, str(key))) for key, item in value.items())
+        elif isinstance(value, list | tuple):
+            size += 2 + len(value)
+            children = ((item, (*loc, i)) for i, item in enumerate(value))
+        else:
+            size += len(value) + 2 if isinstance(value, str) else len(repr(value))
+            children = ()
+        if size > MAX_CONFIG_SIZE:
+            raise ConfigError(
+                f"the config is larger than {MAX_CONFIG_SIZE:,} characters written out (as "
+                "JSON, each YAML alias expanded where it is used)", _short_path(loc))
+        stack.extend(children)
+
+
+def _short_path(loc: tuple[Any, ...]) -> str:
+    return _path(loc[:4]) + ("..." if len(loc) > 4 else "")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (a clear error if it is missing, empty or malformed).
 
@@ -190,8 +240,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from exc
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a bad date, an int too long
         raise ConfigError(f"{file} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{file} nests too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
     if data is None:  # nothing, or only comments: most likely the wrong file
         raise ConfigError(f"{file} is empty; write the settings to change (`{{}}` runs every "
                           "default)")
@@ -237,8 +289,11 @@ def _split_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         parsed = value
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()!r} nests too deeply (at most "
+                          f"{MAX_CONFIG_DEPTH} levels)") from None
     return key.strip(), parsed
 
 
@@ -326,8 +381,10 @@ def load_config(
     else:
         raw = read_yaml(source)
         folder = Path(source).parent
+    check_size(raw)
     if overrides:
         raw = apply_overrides(raw, overrides)
+        check_size(raw)
     cfg = parse_config(raw)
     cfg.imports = registry.resolve_imports(cfg.imports, folder)
     check_components(cfg, folder)

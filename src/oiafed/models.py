@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +12,24 @@ from torch import nn
 
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
+
+
+def _memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_size(parameters: int) -> None:
+    """Refuse, before allocating anything, a model whose float32 parameters alone would not
+    fit in this machine's memory (it could neither be built nor trained)."""
+    memory = _memory()
+    if memory is not None and 4 * parameters > memory:
+        raise ConfigError(f"the model would have {parameters:,} parameters "
+                          f"({4 * parameters / 2**30:,.1f} GiB as float32), more than this "
+                          f"machine's memory ({memory / 2**30:,.1f} GiB)")
 
 
 def _flatten(input_shape: tuple[int, ...]) -> list[nn.Module]:
@@ -34,6 +54,8 @@ def mlp(
     """
     if any(h < 1 for h in hidden):
         raise ConfigError(f"hidden sizes must be >= 1, got {list(hidden)}")
+    widths = [math.prod(input_shape), *hidden, num_classes]
+    _check_size(sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(widths)))
     layers: list[nn.Module] = _flatten(input_shape)
     width = math.prod(input_shape)
     for size in hidden:
@@ -58,6 +80,10 @@ def cnn(
         raise ConfigError(f"cnn needs image input (C, H, W); the dataset gives {input_shape}")
     if not channels or any(c < 1 for c in channels) or hidden < 1:
         raise ConfigError("channels must be a non-empty list of sizes >= 1 and hidden >= 1")
+    sizes = [input_shape[0], *channels]
+    pooled = math.prod(math.ceil(side / 2 ** len(channels)) for side in input_shape[1:])
+    _check_size(sum((9 * c_in + 1) * c_out for c_in, c_out in itertools.pairwise(sizes))
+                + (channels[-1] * pooled + 1) * hidden + (hidden + 1) * num_classes)
     layers: list[nn.Module] = []
     in_channels = input_shape[0]
     for out_channels in channels:

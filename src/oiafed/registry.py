@@ -373,6 +373,9 @@ def build(kind: str, spec: Mapping[str, Any], path: str | None = None, **injecte
     try:
         return target(**args, **injected)
     except ConfigError as exc:
+        if exc.path in args:  # the constructor named one of its arguments: give the full key
+            message = str(exc).removeprefix(f"{exc.path}: ")
+            raise ConfigError(message, f"{path}.args.{exc.path}") from exc
         if exc.path:
             raise
         raise ConfigError(str(exc), f"{path}.args") from exc

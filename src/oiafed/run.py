@@ -90,6 +90,9 @@ class Experiment:
             config=cfg,
             index_of=data.index_of,
             attack=attack,
+            # Simulated clients train the server's partition; deployed ones may bring their
+            # own data (--local-data), whose size the server cannot know.
+            client_size=None if deployed(cfg) else data.client_size,
         )
         return cls(cfg, data, trainer, manager)
 
@@ -98,6 +101,12 @@ def model_input(data: FederatedSource) -> dict[str, Any]:
     """What building the model takes from the data, as ``partition.json`` records it for
     ``oiafed.load_model``: ``input_shape`` and ``num_classes``."""
     return {"input_shape": list(data.input_shape), "num_classes": int(data.num_classes)}
+
+
+def deployed(cfg: ExperimentConfig) -> bool:
+    """Whether the clients are processes started elsewhere (``oiafed server``: ``grpc`` with
+    ``runtime.address``) rather than simulated by this run from its partition."""
+    return cfg.runtime.mode == "grpc" and bool(cfg.runtime.address)
 
 
 def _warn_driver_only_hooks(mode: str, callbacks: list[Any]) -> None:
@@ -228,7 +237,8 @@ def _end_failed(folder: RunFolder, trainer: Trainer, exc: BaseException,
 def _resume(
     config: Any, run_dir: Path, callbacks: list[Any] | None, overrides: Any
 ) -> tuple[RunFolder, Experiment]:
-    """Rebuild a run from its folder and saved state; change nothing on disk until all is read."""
+    """Rebuild a run from its folder and saved state; change nothing on disk until all is read
+    and checked (config, state file, metrics), so a failed resume leaves the folder as it was."""
     folder = RunFolder.open(run_dir)
     saved = load_config(folder.path / CONFIG_FILE, overrides)
     if overrides:
@@ -246,9 +256,12 @@ def _resume(
     if state is not None:
         try:
             experiment.trainer.load_state_dict(state["trainer"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a component's load_state_dict may raise anything
             raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
     history = folder.history_until(experiment.trainer.round_num)
+    # All is read and checked: from here on the folder changes (run() then drops the client
+    # state versions after the round resumed from).
+    folder.keep_rounds(experiment.trainer.round_num, history)
     if state is None:
         logger.warning("%s has no saved state yet (the run stopped before its first save): "
                        "it starts again from round 1", folder.path)
@@ -277,10 +290,12 @@ def _saved_state(folder: RunFolder, cfg: ExperimentConfig) -> dict[str, Any] | N
 
 RESUMABLE_CHANGES = (
     "trainer.args.rounds", "trainer.args.min_clients", "trainer.args.round_timeout",
+    "trainer.args.max_update_norm_ratio",
     "callbacks.*.args", "callbacks.*.args.*", "logging", "logging.*", "console", "console.*",
     *(f"runtime.{name}" for name in ("mode", "workers", "threads", "checkpoint_every",
                                      "checkpoint_interval", "address", "min_join",
-                                     "join_timeout", "num_cpus_per_client",
+                                     "join_timeout", "hello_timeout", "max_streams",
+                                     "max_task_bytes", "num_cpus_per_client",
                                      "num_gpus_per_client", "device", "resident")),
     "device", "deterministic",
 )

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import re
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -106,11 +107,18 @@ class RunFolder:
 
     @classmethod
     def open(cls, run_dir: str | Path) -> RunFolder:
-        """An existing run folder, to resume (an ``InputError`` if it is not one); call
-        ``use_policy`` with its config's runtime section."""
+        """An existing run folder, to resume (an ``InputError`` if it is not one, or cannot be
+        written to: nothing is left in it by the check); call ``use_policy`` with its config's
+        runtime section."""
         path = Path(run_dir)
         if not (path / CONFIG).is_file():
             raise InputError(f"cannot resume: {path} is not a run folder (no {CONFIG})")
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot resume: cannot write the run folder {path}: "
+                             f"{exc.strerror or exc}") from None
         return cls(path.resolve())
 
     def use_policy(self, runtime: RuntimeConfig) -> None:
@@ -141,10 +149,10 @@ class RunFolder:
         try:
             path.mkdir(parents=True, exist_ok=True)
             (path / RUN_LOG).touch()  # the folder can be written to
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
             where = "--run-dir" if run_dir is not None else "output_dir"
             raise InputError(f"cannot write the run folder {path} ({where}): "
-                             f"{exc.strerror or exc}") from None
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         folder = cls(path.resolve())
         folder.new, folder._made_dir = True, made
         folder.use_policy(cfg.runtime)
@@ -273,19 +281,25 @@ class RunFolder:
         return self._saved_round == round_num
 
     def history_until(self, round_num: int) -> list[dict[str, Any]]:
-        """The history of rounds 1..``round_num`` from ``metrics.jsonl``; rows of later rounds
-        (which a resumed run redoes) are dropped from the file.
+        """The history of rounds 1..``round_num`` from ``metrics.jsonl`` (nothing is written:
+        ``keep_rounds`` drops the later rows).
 
         Raises:
             InputError: when the file lacks one of those rounds.
         """
         rows = [row for row in self.read_metrics() if row.get("round", 0) <= round_num]
-        if [row.get("round") for row in rows] != list(range(1, round_num + 1)):
+        if len(rows) != round_num or any(row.get("round") != i
+                                         for i, row in enumerate(rows, start=1)):
             raise InputError(f"cannot resume: {self.path / METRICS} does not hold rounds "
                              f"1..{round_num} once each, as the saved state needs")
-        atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
-        self._trim_clients(round_num)
         return rows
+
+    def keep_rounds(self, round_num: int, history: list[dict[str, Any]]) -> None:
+        """Drop the rows of rounds after ``round_num`` (which a resumed run redoes):
+        ``metrics.jsonl`` becomes ``history`` (``history_until(round_num)``), and
+        ``clients.jsonl`` is cut after that round."""
+        atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+        self._trim_clients(round_num)
 
     def _trim_clients(self, round_num: int) -> None:
         """Cut ``clients.jsonl`` after its rows of rounds 1..``round_num`` (rows are in round

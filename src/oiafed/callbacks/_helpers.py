@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -126,9 +127,28 @@ def is_better(current: float, best: float | None, mode: str, min_delta: float = 
     return current > best + min_delta if mode == "max" else current < best - min_delta
 
 
-def resolve_path(trainer: Trainer, path: str | Path) -> Path:
-    """``path`` itself when absolute; else inside ``trainer.run_dir`` (the cwd when it is None)."""
+def check_run_path(owner: str, name: str, path: str | Path) -> str:
+    """``path`` as text, unless it is relative and leads out of the run folder (a ``..`` left
+    after normalising: ``../x``, ``a/../../x``). Absolute paths are the user's explicit choice.
+
+    Raises:
+        ConfigError: with ``name`` (the argument) as its key path; ``registry.build`` makes
+            it the full key (``callbacks[0].args.save_dir``).
+    """
     target = Path(path).expanduser()
+    if not target.is_absolute() and Path(os.path.normpath(target)).parts[:1] == ("..",):
+        raise ConfigError(f"{owner}: {str(path)!r} leads out of the run folder; a relative path "
+                          "must stay inside it (give an absolute path to write elsewhere)", name)
+    return str(path)
+
+
+def resolve_path(trainer: Trainer, path: str | Path, owner: str, name: str) -> Path:
+    """``path`` itself when absolute; else inside ``trainer.run_dir`` (the cwd when it is None).
+
+    Raises:
+        ConfigError: when a relative ``path`` leads out of that folder (``check_run_path``).
+    """
+    target = Path(check_run_path(owner, name, path)).expanduser()
     if target.is_absolute():
         return target
     base = getattr(trainer, "run_dir", None)

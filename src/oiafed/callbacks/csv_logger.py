@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oiafed.callbacks._helpers import as_number, resolve_path
+from oiafed.callbacks._helpers import as_number, check_run_path, resolve_path
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.io import atomic_write_text
@@ -31,15 +31,17 @@ class CSVLoggerCallback(Callback):
     header atomically, earlier rows getting an empty cell. A round without some metric also
     gets an empty cell. Numbers are written in full precision (``float(cell)`` gives them
     back exactly). A relative ``filename`` is inside the run folder (``trainer.run_dir``;
-    the working directory when there is none). A fresh run replaces an existing file; a
-    resumed run (``load_state_dict``) keeps the rows up to its saved round and drops later
-    ones that an interrupted run wrote (and columns only those rows had).
+    the working directory when there is none) and may not lead out of it (``../x.csv``). A
+    fresh run replaces an existing file; a resumed run (``load_state_dict``) keeps the rows
+    up to its saved round and drops later ones that an interrupted run wrote (and columns
+    only those rows had).
 
     Args:
         filename: the CSV file.
 
     Raises:
-        ConfigError: in ``__init__`` when ``filename`` is not a file path.
+        ConfigError: in ``__init__`` when ``filename`` is not a file path, or is relative
+            and leads out of the run folder.
         OSError: when the file cannot be written.
 
     State (``state_dict``): the columns and the last round written.
@@ -59,7 +61,7 @@ class CSVLoggerCallback(Callback):
         if not isinstance(filename, str | os.PathLike) or not str(filename) or \
                 str(filename).endswith(("/", os.sep)):
             raise ConfigError(f"{NAME}: filename must be a file path; got {filename!r}")
-        self.filename = str(filename)
+        self.filename = check_run_path(NAME, "filename", filename)
         self.path: Path | None = None
         self.columns: list[str] = []
         self.last_round = 0
@@ -68,12 +70,12 @@ class CSVLoggerCallback(Callback):
 
     async def on_train_start(self, trainer: Trainer, **kwargs: Any) -> None:
         """Resolve the path (inside the run folder when relative)."""
-        self.path = resolve_path(trainer, self.filename)
+        self.path = resolve_path(trainer, self.filename, NAME, "filename")
 
     def _prepare(self, trainer: Trainer) -> Path:
         """On the first write: start the file afresh, or trim it to the resumed round."""
         if self.path is None:
-            self.path = resolve_path(trainer, self.filename)
+            self.path = resolve_path(trainer, self.filename, NAME, "filename")
         if not self._ready:
             self._ready = True
             if self._resumed and self.path.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from oiafed.callbacks._helpers import (
     check_choice,
     check_int,
     check_metric_name,
+    check_run_path,
     is_better,
     load_monitor_state,
     monitor_state,
@@ -33,11 +35,18 @@ logger = logging.getLogger(__name__)
 NAME = "model_checkpoint"
 BEST = "best.pt"
 LAST = "last.pt"
+PERIODIC = re.compile(r"round_(?:[0-9]{4}|[1-9][0-9]{4,18})\.pt")
+"""Every name ``periodic_name`` gives for a round in ``[0, 10**19)``, and no other."""
 
 
 def periodic_name(round_num: int) -> str:
     """The file name of the periodic checkpoint of ``round_num`` (``round_0010.pt``)."""
     return f"round_{round_num:04d}.pt"
+
+
+def is_periodic_name(name: object) -> bool:
+    """Whether ``name`` is a bare file name that ``periodic_name`` gives (no folder, no ``..``)."""
+    return isinstance(name, str) and PERIODIC.fullmatch(name) is not None
 
 
 @register("callback.model_checkpoint")
@@ -55,7 +64,8 @@ class ModelCheckpointCallback(Callback):
     "metric": name}`` and loads with ``torch.load(path, weights_only=True)``; the weights are
     those of the global model at the end of that round (after aggregation). A relative
     ``save_dir`` is inside the run folder (``trainer.run_dir``; the working directory when
-    there is none).
+    there is none) and may not lead out of it (``../x``); an absolute one may be anywhere.
+    Pruning (``keep_last``) deletes only its own ``round_NNNN.pt`` files in ``save_dir``.
 
     Args:
         save_dir: folder of the checkpoints.
@@ -67,9 +77,10 @@ class ModelCheckpointCallback(Callback):
         keep_last: how many periodic files to keep (older ones are deleted); None keeps all.
 
     Raises:
-        ConfigError: in ``__init__`` for a bad argument (naming it and the valid options);
-            in ``on_round_end`` when ``save_best`` is on and an evaluated round lacks
-            ``metric`` (listing the metrics it has).
+        ConfigError: in ``__init__`` for a bad argument (naming it and the valid options;
+            a relative ``save_dir`` out of the run folder is one); in ``on_round_end`` when
+            ``save_best`` is on and an evaluated round lacks ``metric`` (listing the metrics
+            it has).
         OSError: when a file cannot be written (the previous file is kept).
 
     State (``state_dict``): best value and round, the periodic files kept, the last round.
@@ -105,7 +116,7 @@ class ModelCheckpointCallback(Callback):
             raise ConfigError(f"{NAME}: save_dir must be a folder path; got {save_dir!r}")
         if not isinstance(save_best, bool):
             raise ConfigError(f"{NAME}: save_best must be true or false; got {save_best!r}")
-        self.save_dir = str(save_dir)
+        self.save_dir = check_run_path(NAME, "save_dir", save_dir)
         self.save_best = save_best
         self.save_every = check_int(NAME, "save_every", save_every, 0)
         self.metric = check_metric_name(NAME, metric)
@@ -123,7 +134,7 @@ class ModelCheckpointCallback(Callback):
 
     def _folder(self, trainer: Trainer) -> Path:
         if self.directory is None:
-            self.directory = resolve_path(trainer, self.save_dir)
+            self.directory = resolve_path(trainer, self.save_dir, NAME, "save_dir")
             self.directory.mkdir(parents=True, exist_ok=True)
         return self.directory
 
@@ -178,7 +189,19 @@ class ModelCheckpointCallback(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()``'s output."""
+        """Continue from ``state_dict()``'s output.
+
+        Only the periodic files it names itself (``round_NNNN.pt``, bare names, so inside
+        ``save_dir``) are taken from ``state``: anything else there is ignored with a warning,
+        so a crafted state cannot make pruning delete another file.
+        """
         load_monitor_state(NAME, self, state)
-        self.periodic = [str(name) for name in state.get("periodic", [])]
+        saved = state.get("periodic", [])
+        names = saved if isinstance(saved, list) else [saved]
+        self.periodic = [name for name in names if is_periodic_name(name)]
+        foreign = [name for name in names if not is_periodic_name(name)]
+        if foreign:
+            logger.warning("%s: ignored %d saved periodic file(s) that are not its own "
+                           "round_NNNN.pt in %s (they are never deleted): %r", NAME,
+                           len(foreign), self.save_dir, foreign[:5])
         self.last_round = state.get("last_round")

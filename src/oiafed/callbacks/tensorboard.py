@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oiafed.callbacks._helpers import numeric_metrics, resolve_path
+from oiafed.callbacks._helpers import check_run_path, numeric_metrics, resolve_path
 from oiafed.callbacks.base import Callback
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
@@ -38,7 +38,8 @@ class TensorBoardCallback(Callback):
     ``train_loss``, ``lr`` from an earlier ``lr_scheduler``, ...) is written with
     ``add_scalar(name, value, round_num)`` and flushed, so TensorBoard shows a run while it
     trains. A relative ``log_dir`` is inside the run folder (``trainer.run_dir``; the
-    working directory when there is none). View with ``tensorboard --logdir <run folder>``.
+    working directory when there is none) and may not lead out of it (``../runs``). View
+    with ``tensorboard --logdir <run folder>``.
 
     The ``SummaryWriter`` is created when training starts, not in ``__init__``, so building
     the callback (say, to validate a config) writes nothing; it is flushed and closed when
@@ -51,7 +52,8 @@ class TensorBoardCallback(Callback):
         log_dir: folder of the event files.
 
     Raises:
-        ConfigError: in ``__init__`` when ``log_dir`` is not a path; in ``on_train_start``
+        ConfigError: in ``__init__`` when ``log_dir`` is not a path, or is relative and
+            leads out of the run folder; in ``on_train_start``
             when the tensorboard package is missing.
 
     State (``state_dict``): the last round written.
@@ -70,7 +72,7 @@ class TensorBoardCallback(Callback):
     def __init__(self, log_dir: str = "./runs") -> None:
         if not isinstance(log_dir, str | os.PathLike) or not str(log_dir):
             raise ConfigError(f"{NAME}: log_dir must be a folder path; got {log_dir!r}")
-        self.log_dir = str(log_dir)
+        self.log_dir = check_run_path(NAME, "log_dir", log_dir)
         self.directory: Path | None = None
         self.writer: SummaryWriter | None = None
         self.last_round = 0
@@ -83,7 +85,7 @@ class TensorBoardCallback(Callback):
     def _open(self, trainer: Trainer) -> SummaryWriter:
         if self.writer is None:
             summary_writer = _summary_writer_class()
-            self.directory = resolve_path(trainer, self.log_dir)
+            self.directory = resolve_path(trainer, self.log_dir, NAME, "log_dir")
             purge = None if self._resumed_from is None else self._resumed_from + 1
             self._resumed_from = None
             self.writer = summary_writer(log_dir=str(self.directory), purge_step=purge)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,9 +31,15 @@ from oiafed.core.types import (
     TrainResult,
     Weights,
 )
-from oiafed.core.validation import nonfinite_problems, update_problem
+from oiafed.core.validation import (
+    distance_problems,
+    nonfinite_problems,
+    update_problem,
+    weights_problem,
+)
 from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
+from oiafed.data.federated import ClientIds, id_set
 from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
 from oiafed.registry import register
 from oiafed.runtime.base import RunEnd, RunSpec, Runtime
@@ -109,6 +115,10 @@ class Trainer:
             number of local epochs drawn uniformly from 1..E (E: the learner's ``epochs``);
             an aggregator may drop them (``fedavg``'s ``drop_stragglers``) or use their
             partial work.
+        max_update_norm_ratio: an update farther (L2, over the floating-point weights) from
+            the round's global model than this many times the median distance of the round's
+            updates is a bad update, left out (None: no bound). It bounds absurd updates only:
+            robust aggregators are the defence against subtler ones.
 
     YAML:
         trainer:
@@ -125,6 +135,7 @@ class Trainer:
         min_clients: int = 1,
         round_timeout: float | None = None,
         straggler_fraction: float = 0.0,
+        max_update_norm_ratio: float | None = 1000.0,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -143,6 +154,9 @@ class Trainer:
         if not 0 <= straggler_fraction <= 1:
             raise ConfigError(f"must be in [0, 1], got {straggler_fraction}",
                               "trainer.args.straggler_fraction")
+        if max_update_norm_ratio is not None and not max_update_norm_ratio >= 1:
+            raise ConfigError(f"must be >= 1 (or null: no bound), got {max_update_norm_ratio}",
+                              "trainer.args.max_update_norm_ratio")
         self.rounds = rounds
         self.clients_per_round = clients_per_round
         self.fraction = fraction
@@ -150,6 +164,7 @@ class Trainer:
         self.min_clients = min_clients
         self.round_timeout = round_timeout
         self.straggler_fraction = straggler_fraction
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.local_epochs = 1
         """E for stragglers: the learner's ``epochs`` (``run`` sets it)."""
         self.client_states = ClientStates()
@@ -175,11 +190,14 @@ class Trainer:
         self.config: ExperimentConfig | None = None
         self.recorder: RoundRecorder | None = None
         self.run_dir: Path | None = None
-        self._client_set: frozenset[str] = frozenset()
+        self._client_set: Container[str] = frozenset()
         self._in_round = False
         self._index_of: Callable[[str], int] = self._position
         self._positions: dict[str, int] | None = None
         self._parameters: tuple[str, ...] | None = None
+        self._client_size: Callable[[str], int] | None = None
+        self._first_counts: dict[str, int] = {}
+        """Without ``client_size``: each client's ``num_samples`` in its first accepted update."""
 
     def bind(
         self,
@@ -195,12 +213,17 @@ class Trainer:
         recorder: RoundRecorder | None = None,
         index_of: Callable[[str], int] | None = None,
         attack: Attack | None = None,
+        client_size: Callable[[str], int] | None = None,
     ) -> Trainer:
         """Attach what a run provides: the global model, clients, runtime and callbacks.
 
         ``index_of`` gives a client's position in ``client_ids`` (it derives the client's
-        training seed); default: a lookup table built on first use. ``attack`` simulates
-        Byzantine clients.
+        training seed); default: ``ClientIds.index``, or for other id lists a lookup table
+        built on first use. ``attack`` simulates Byzantine clients. ``client_size`` gives a
+        client's number of training samples where the server knows it (a simulation): an
+        update declaring more ``num_samples`` is a bad update. Without it (a deployment, where
+        clients may bring their own data), a client may never declare more than in its first
+        accepted update.
 
         Raises:
             ConfigError: for an empty federation, or arguments of the aggregator or attack
@@ -215,13 +238,15 @@ class Trainer:
         self.callbacks = callbacks
         self.test_data = test_data
         self.client_ids = client_ids
-        self._client_set = frozenset(client_ids)
+        self._client_set = id_set(client_ids)
         self.seed = seed
         self.config = config
         self.recorder = recorder
         self._index_of = index_of or self._position
         self.attack = attack
         self.attacked = attack.choose(client_ids, seed) if attack is not None else frozenset()
+        self._client_size = client_size
+        self._first_counts = {}
         aggregator.check_federation(len(client_ids), self.num_sampled)
         self._warn_clamped()
         return self
@@ -238,6 +263,11 @@ class Trainer:
                            "samples 1 client", self.fraction, total)
 
     def _position(self, client_id: str) -> int:
+        if isinstance(self.client_ids, ClientIds):
+            try:
+                return self.client_ids.index(client_id)
+            except ValueError:
+                raise KeyError(client_id) from None
         if self._positions is None:
             self._positions = {cid: i for i, cid in enumerate(self.client_ids)}
         return self._positions[client_id]
@@ -371,6 +401,10 @@ class Trainer:
         await self.callbacks.on_aggregate_start(self, updates)
         weights = aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
+        problem = nonfinite_problems([weights])[0]
+        if problem is not None:  # never loaded: the last good round stays the model (and state)
+            raise RoundFailed(f"round {round_num}: the aggregated global model is not finite "
+                              f"({problem}); it was not loaded")
         load_weights(self.model, weights)
         metrics = self.round_metrics(round_num, updates, started)
         result = RoundResult(round_num, metrics, updates)
@@ -429,6 +463,11 @@ class Trainer:
         """The updates fit to aggregate. Failed clients and bad updates are logged, reported
         to ``on_client_failure`` and left out.
 
+        Bad updates: of another form than ``reference`` or the aggregator expects, declaring
+        more ``num_samples`` than the client has (``bind``'s ``client_size``), holding
+        non-finite values, or farther from ``reference`` than ``max_update_norm_ratio``
+        allows.
+
         Raises:
             RoundFailed: when fewer than ``min_clients`` usable updates remain.
         """
@@ -436,7 +475,8 @@ class Trainer:
                         else lambda update, reference: None)
         problems: list[str | None] = [
             outcome.error if isinstance(outcome, ClientFailure)
-            else update_problem(outcome, reference) or extras_check(outcome, reference)
+            else (update_problem(outcome, reference) or extras_check(outcome, reference)
+                  or self._count_problem(outcome))
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]
@@ -444,6 +484,13 @@ class Trainer:
             [o.weights for i in well_formed if isinstance(o := outcomes[i], ClientUpdate)])
         for i, problem in zip(well_formed, value_problems, strict=True):
             problems[i] = problem
+        if self.max_update_norm_ratio is not None:
+            finite = [i for i in well_formed if problems[i] is None]
+            far = distance_problems(
+                [o.weights for i in finite if isinstance(o := outcomes[i], ClientUpdate)],
+                reference, self.max_update_norm_ratio)
+            for i, problem in zip(finite, far, strict=True):
+                problems[i] = problem
         if self.recorder is not None:
             self.recorder.record_clients([client_row(round_num, outcome, problem)
                                           for outcome, problem in zip(outcomes, problems,
@@ -452,13 +499,17 @@ class Trainer:
         for outcome, problem in zip(outcomes, problems, strict=True):
             if problem is None and isinstance(outcome, ClientUpdate):
                 accepted.append(outcome)
+                if self._client_size is None:
+                    self._first_counts.setdefault(outcome.client_id, outcome.num_samples)
                 continue
             problem = problem or "no update"
             last = _last_line(problem)
             rejected.append(f"{outcome.client_id}: {last}")
             # The reason first, on the first line; a traceback after it (the console shows
-            # the first line while a run log takes the rest).
-            detail = f"\n{problem.rstrip()}" if problem.strip() != last else ""
+            # the first line while a run log takes the rest), each of its lines marked, so
+            # text a remote client sent cannot pass for a log line of its own.
+            detail = ("".join(f"\n  | {line}" for line in problem.rstrip().splitlines())
+                      if problem.strip() != last else "")
             logger.warning("round %d: left out %s: %s%s", round_num, outcome.client_id, last,
                            detail)
             await self.callbacks.on_client_failure(self, outcome.client_id, problem)
@@ -468,6 +519,22 @@ class Trainer:
                 f"min_clients={self.min_clients} ({'; '.join(rejected) or 'no client answered'})"
             )
         return accepted
+
+    def _count_problem(self, update: ClientUpdate) -> str | None:
+        """Why ``update``'s ``num_samples`` (its weight in FedAvg) cannot be believed: more than
+        the client's training samples, or, where the server does not know them, more than in
+        its first accepted update (None: it can)."""
+        if self._client_size is not None:
+            size = self._client_size(update.client_id)
+            if update.num_samples > size:
+                return (f"num_samples {update.num_samples} is more than the {size} training "
+                        "samples it has")
+            return None
+        first = self._first_counts.get(update.client_id)
+        if first is not None and update.num_samples > first:
+            return (f"num_samples {update.num_samples} is more than the {first} of its first "
+                    "accepted update")
+        return None
 
     def select_clients(self, round_num: int) -> list[str]:
         """This round's clients, drawn without replacement from the round's own seed.
@@ -548,8 +615,19 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned (after ``bind``)."""
-        self.model.load_state_dict(state["weights"])
+        """Restore what ``state_dict`` returned (after ``bind``).
+
+        Raises:
+            ValueError: before anything is changed, when the weights are not the model's
+                keys, shapes and dtypes, or hold non-finite values.
+        """
+        weights = state["weights"]
+        problem = weights_problem(weights, self.model.state_dict())
+        if problem is None:
+            problem = nonfinite_problems([weights])[0]
+        if problem is not None:
+            raise ValueError(f"the saved weights do not fit the model: {problem}")
+        self.model.load_state_dict(weights)
         self._bound()[0].load_state_dict(state["aggregator"])
         self.callbacks.load_state_dict(state["callbacks"])
         self.round_num = state["round_num"]

@@ -8,6 +8,10 @@ import torch
 
 from oiafed.core.types import ClientUpdate, Weights
 
+MAX_NUM_SAMPLES = 2**53
+"""The largest ``num_samples`` an update may declare: exact as the float64 weight it becomes
+(a larger int may not even convert to a float)."""
+
 
 def _nonfinite_key(weights: Weights) -> str | None:
     """The first floating-point tensor of ``weights`` holding a NaN or an infinity."""
@@ -34,16 +38,49 @@ def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
     return [None if key is None else f"{key} holds non-finite values" for key in bad_keys]
 
 
-def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
-    """Why ``update`` cannot be aggregated with weights shaped like ``reference`` (None: fine,
-    as far as its form goes: ``nonfinite_problems`` checks the values of many at once).
+def distance(weights: Weights, reference: Weights) -> float:
+    """The L2 distance between ``weights`` and ``reference`` over ``reference``'s floating-point
+    tensors, summed in float64 (weights near float32's limits give a large or infinite
+    distance, never a NaN)."""
+    total = 0.0
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            tensor = weights[key]
+            diff = tensor - ref.to(tensor.device)
+            total += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
 
-    Rejects unknown or missing keys, other shapes or dtypes, a negative or non-integer
-    ``num_samples`` and non-numeric metrics.
+
+def distance_problems(weights_list: list[Weights], reference: Weights,
+                      ratio: float) -> list[str | None]:
+    """For a round's finite updates of ``reference``'s form: why each is too far from the
+    round's global weights ``reference`` to be averaged (None: it is not).
+
+    An update is too far when its ``distance`` exceeds ``ratio`` times the median distance
+    of the updates that moved (the lower median: of two, the nearer), so one client cannot
+    make the round's scale whatever it likes. Updates equal to ``reference`` do not count
+    (a client without samples); when none moved, none is too far.
     """
-    if not isinstance(update.num_samples, int) or update.num_samples < 0:
-        return f"num_samples must be an integer >= 0, got {update.num_samples!r}"
-    weights = update.weights
+    if not weights_list:
+        return []
+    # the reference once where the updates are (they arrive on the CPU; the model may not be)
+    first = next(iter(weights_list[0].values()), None)
+    if first is not None:
+        reference = {k: v.to(first.device) for k, v in reference.items()}
+    distances = [distance(weights, reference) for weights in weights_list]
+    moved = sorted(d for d in distances if d > 0)
+    if not moved:
+        return [None] * len(distances)
+    median = moved[(len(moved) - 1) // 2]
+    bound = ratio * median
+    return [None if d <= bound else
+            f"it is {d:.3g} from the global model, more than max_update_norm_ratio={ratio:g} "
+            f"times the round's median distance {median:.3g}" for d in distances]
+
+
+def weights_problem(weights: object, reference: Weights) -> str | None:
+    """Why ``weights`` is not a dict of tensors with exactly the keys, shapes and dtypes of
+    ``reference`` (None: it is)."""
     if not isinstance(weights, dict):
         return f"weights must be a dict of tensors, got {type(weights).__name__}"
     if weights.keys() != reference.keys():
@@ -56,6 +93,22 @@ def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
         if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
             return (f"{key} is {tuple(tensor.shape)} {tensor.dtype}, expected "
                     f"{tuple(expected.shape)} {expected.dtype}")
+    return None
+
+
+def update_problem(update: ClientUpdate, reference: Weights) -> str | None:
+    """Why ``update`` cannot be aggregated with weights shaped like ``reference`` (None: fine,
+    as far as its form goes: ``nonfinite_problems`` checks the values of many at once).
+
+    Rejects unknown or missing keys, other shapes or dtypes, a ``num_samples`` that is not
+    an integer in [0, ``MAX_NUM_SAMPLES``] and non-numeric metrics.
+    """
+    count = update.num_samples
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_NUM_SAMPLES:
+        return f"num_samples must be an integer in [0, 2**53], got {count!r:.40}"
+    problem = weights_problem(update.weights, reference)
+    if problem is not None:
+        return problem
     for name, value in update.metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool):
             return f"metric {name!r} is not a number: {value!r}"

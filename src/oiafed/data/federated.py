@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Any, overload
 
 import numpy as np
@@ -28,6 +28,9 @@ from oiafed.exceptions import ConfigError
 from oiafed.seeding import PARTITION, derive_seed, rng
 
 PREFIX = "client_"
+MAX_CLIENTS = 2**53
+"""The most clients a federation may have: client indices stay exact in float64 (the test
+clients' ``linspace``) and ``len()`` fits in a C ``ssize_t``."""
 
 
 def client_id(index: int) -> str:
@@ -44,8 +47,8 @@ class ClientIds(Sequence[str]):
     __slots__ = ("_n",)
 
     def __init__(self, num_clients: int) -> None:
-        if num_clients < 0:
-            raise ValueError(f"num_clients must be >= 0, got {num_clients}")
+        if not 0 <= num_clients <= MAX_CLIENTS:
+            raise ValueError(f"num_clients must be in [0, {MAX_CLIENTS}], got {num_clients}")
         self._n = num_clients
 
     def __len__(self) -> int:
@@ -101,6 +104,12 @@ class ClientIds(Sequence[str]):
         return f"ClientIds({self._n})"
 
 
+def id_set(client_ids: Sequence[str]) -> Container[str]:
+    """``client_ids`` for O(1) ``in`` tests: ``ClientIds`` as they are (nothing stored per
+    client), any other sequence as a frozenset."""
+    return client_ids if isinstance(client_ids, ClientIds) else frozenset(client_ids)
+
+
 class FederatedSource(ABC):
     """The federation's data, as the trainer, runtimes and workers see it.
 
@@ -109,8 +118,8 @@ class FederatedSource(ABC):
         test: the global test set (bounded in size: the trainer evaluates on it every round).
         num_classes, input_shape: what models are built for.
 
-    Nothing here may cost O(number of clients) per call: ``index_of`` and ``client_data`` are
-    called for the sampled clients of every round.
+    Nothing here may cost O(number of clients) per call: ``index_of``, ``client_data`` and
+    ``client_size`` are called for the sampled clients of every round.
     """
 
     client_ids: Sequence[str]
@@ -131,6 +140,12 @@ class FederatedSource(ABC):
     def client_data(self, cid: str) -> ArrayDataset:
         """Client ``cid``'s local training data."""
 
+    def client_size(self, cid: str) -> int:
+        """How many training samples client ``cid`` has: what an honest update of its declares
+        as ``num_samples`` (the trainer checks). This default builds the client's data; a
+        source that knows sizes cheaply overrides it (called per sampled client per round)."""
+        return len(self.client_data(cid))
+
     @abstractmethod
     def report(self) -> dict[str, Any]:
         """What ``partition.json`` records: sizes and label histograms, as far as they are cheap."""
@@ -148,19 +163,21 @@ class FederatedData(FederatedSource):
         self.train = train
         self.test = test
         self.parts = parts
-        self.client_ids = [client_id(i) for i in range(len(parts))]
-        self._index = {cid: i for i, cid in enumerate(self.client_ids)}
+        self.client_ids = ClientIds(len(parts))
         self.num_classes = train.num_classes
         self.input_shape = train.input_shape
 
     def index_of(self, cid: str) -> int:
         try:
-            return self._index[cid]
-        except KeyError:
+            return self.client_ids.index(cid)
+        except ValueError:
             raise KeyError(f"unknown client id {cid!r}") from None
 
     def client_data(self, cid: str) -> ArrayDataset:
         return self.train.subset(self.parts[self.index_of(cid)])
+
+    def client_size(self, cid: str) -> int:
+        return len(self.parts[self.index_of(cid)])
 
     def report(self) -> dict[str, Any]:
         """Per-client sample counts and label histograms, and the test split's histogram."""
@@ -198,8 +215,12 @@ def build_federated_data(data_cfg: Any, seed: int) -> FederatedSource:
 
     Raises:
         ConfigError: on bad data settings, naming the key path (``data.partition`` when an
-            on-demand dataset is given a partition).
+            on-demand dataset is given a partition, ``data.num_clients`` above ``MAX_CLIENTS``).
     """
+    if data_cfg.num_clients > MAX_CLIENTS:
+        raise ConfigError(
+            f"{data_cfg.num_clients} clients is more than a federation can have: at most "
+            f"2**53 = {MAX_CLIENTS} (client indices must stay exact)", "data.num_clients")
     target = registry.get("dataset", data_cfg.type, path="data.type")
     declared = _declared(target)
     injected: dict[str, Any] = {"seed": seed}

@@ -187,6 +187,13 @@ class LeafSynthetic(FederatedSource):
         except ValueError:
             raise KeyError(f"unknown client id {cid!r}") from None
 
+    def client_size(self, cid: str) -> int:
+        """Client ``cid``'s training samples, from the first draw of its stream (its data is
+        not generated)."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, DATA, self.index_of(cid)))
+        n = self._num_samples(gen)
+        return n - self.num_held_out(n)
+
     def client_data(self, cid: str) -> ArrayDataset:
         """Client ``cid``'s training data: from the cache, or generated (and cached)."""
         index = self.index_of(cid)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from oiafed.client_state import CLIENT_ID_PATTERN
 from oiafed.core.types import JSON, ClientTask, ClientUpdate, RoundTask, Tensors, Weights
 from oiafed.exceptions import WireError
 from oiafed.runtime.tensors import Payload, decode_payload
@@ -26,6 +27,10 @@ PROTOCOL = 3
 """The message (and gRPC wire) protocol version; a peer of another version is refused."""
 
 HEADER_KEY = "oiafed"
+MAX_METRICS = 1000
+"""The most metrics an update may carry (each becomes a column of ``metrics.jsonl``)."""
+MAX_METRIC_NAME = 200
+"""The longest metric name an update may carry, in characters."""
 WEIGHTS, EXTRA = "weights/", "extra/"
 
 
@@ -84,6 +89,8 @@ def _client_id(header: dict[str, Any], kind: str) -> str:
     value = header.get("client_id")
     if not isinstance(value, str) or not value:
         raise WireError(f"a {kind} message without a client_id")
+    if not CLIENT_ID_PATTERN.fullmatch(value):
+        raise WireError(f"a {kind} message's client_id {value!r:.80} is not a valid client id")
     return value
 
 
@@ -160,6 +167,12 @@ def decode_update(data: bytes | bytearray | memoryview) -> ClientUpdate:
         for k, v in metrics.items()
     ):
         raise WireError(f"update of {client_id}: metrics must map names to numbers")
+    if len(metrics) > MAX_METRICS:
+        raise WireError(f"update of {client_id}: {len(metrics)} metrics, more than the "
+                        f"{MAX_METRICS} allowed")
+    if (longest := max(map(len, metrics), default=0)) > MAX_METRIC_NAME:
+        raise WireError(f"update of {client_id}: a metric name of {longest} characters, more "
+                        f"than the {MAX_METRIC_NAME} allowed")
     return ClientUpdate(client_id, _int(header, "num_samples", "update"),
                         {k: float(v) for k, v in metrics.items()}, weights, extras,
                         _values(header, "update"))

@@ -46,11 +46,22 @@ class ModelInput(Protocol):
 
 
 def build_model(cfg: ExperimentConfig, data: ModelInput) -> nn.Module:
-    """The configured model, initialised from the seed (without touching the global RNG)."""
+    """The configured model, initialised from the seed (without touching the global RNG).
+
+    Raises:
+        ConfigError: naming ``model.args`` when the model cannot be allocated.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, INIT))
-        return registry.build("model", cfg.model.model_dump(), "model",
-                              input_shape=data.input_shape, num_classes=data.num_classes)
+        try:
+            return registry.build("model", cfg.model.model_dump(), "model",
+                                  input_shape=data.input_shape, num_classes=data.num_classes)
+        except (MemoryError, RuntimeError) as exc:
+            if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+                raise
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"cannot allocate model {cfg.model.type!r}: {reason}",
+                              "model.args") from None
 
 
 def build_callbacks(cfg: ExperimentConfig) -> list[Any]:

@@ -3,13 +3,14 @@
 * ``runtime.address`` set (what ``oiafed server --address HOST:PORT`` does): this process is the
   server; it listens there and waits for clients started elsewhere with ``oiafed client``.
 * ``runtime.address`` unset: a whole deployment on this machine: the server listens on a free
-  port of 127.0.0.1 and starts one ``oiafed client`` process per client (with a fresh random
-  token), logging each to ``<run folder>/clients/<client id>.log``.
+  port of 127.0.0.1 and starts one ``oiafed client`` process per client (each with its own
+  token, from a fresh random secret), logging each to ``<run folder>/clients/<client id>.log``.
 
 The server waits for ``runtime.min_join`` clients (default: all) before the first round, for at
 most ``runtime.join_timeout`` seconds (default: no limit; 300 on loopback). The token and TLS
-material of a server come from ``use_security`` (the ``oiafed server`` flags), else the token
-from ``$OIAFED_TOKEN``; a server without a token refuses to start unless told ``--no-token``.
+material of a server come from ``use_security`` (the ``oiafed server`` flags), else the secret
+that clients' tokens derive from comes from ``$OIAFED_SECRET``; a server without a secret refuses
+to start unless told ``--no-token``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _SECURITY: ContextVar[ServerSecurity | None] = ContextVar("oiafed_grpc_security"
 @contextlib.contextmanager
 def use_security(security: ServerSecurity) -> Iterator[None]:
     """Servers created inside this block (``oiafed.run`` with ``runtime.address``) use
-    ``security`` (token, TLS) instead of ``$OIAFED_TOKEN`` alone."""
+    ``security`` (secret, TLS) instead of ``$OIAFED_SECRET`` alone."""
     token = _SECURITY.set(security)
     try:
         yield
@@ -47,7 +48,7 @@ def create(cfg: ExperimentConfig) -> GrpcRuntime:
     Raises:
         ConfigError: on ``runtime.min_join`` above the number of clients, or a loopback
             deployment of more than ``LOOPBACK_MAX_CLIENTS`` clients.
-        InputError: when a server has no token and was not told to run without one.
+        InputError: when a server has no secret and was not told to run without tokens.
     """
     runtime, num_clients = cfg.runtime, cfg.data.num_clients
     if runtime.min_join is not None and runtime.min_join > num_clients:
@@ -56,7 +57,8 @@ def create(cfg: ExperimentConfig) -> GrpcRuntime:
     if runtime.address:
         security = _SECURITY.get() or ServerSecurity.from_options()
         return GrpcRuntime(runtime.address, security, min_join=runtime.min_join,
-                           join_timeout=runtime.join_timeout)
+                           join_timeout=runtime.join_timeout, hello_timeout=runtime.hello_timeout,
+                           max_streams=runtime.max_streams)
     if num_clients > LOOPBACK_MAX_CLIENTS:
         raise ConfigError(
             f"a loopback gRPC deployment starts one process per client; {num_clients} clients "

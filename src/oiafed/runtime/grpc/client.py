@@ -3,9 +3,13 @@
 ``FederationClient`` holds the ``Connect`` stream (see ``proto/oiafed.proto``): it says Hello,
 receives tasks (the round's and its own envelope, in chunks), hands their bytes to the worker's
 entry point (``ClientWorker.execute``) and sends back the update's envelope in chunks, or the
-traceback of training that raised. A dropped connection is retried (with back-off) until the server
+traceback of training that raised (or, for a task declared over ``max_task_bytes``, why it was
+not trained: nothing is allocated for it). A dropped connection is retried (with back-off) until the server
 says the run is over, or until it has been unreachable for ``reconnect_timeout`` seconds. A
-refusal (wrong token, unknown client id, another model) is final.
+refusal (wrong token, a certificate for another id, unknown client id, another model) is final;
+one because the id is already connected is retried for ``duplicate_wait`` seconds. TLS set up
+differently at the two ends (plaintext against TLS, a client certificate refused, a server
+certificate for another name: ``diagnose.tls_mistake``) is final from the first attempt.
 
 ``run_client`` builds the ``ClientWorker`` from the config: the configured learner and
 callbacks (epoch hooks run in this process), trained on this client's partition, computed from
@@ -28,6 +32,7 @@ from oiafed.config import ExperimentConfig
 from oiafed.exceptions import InputError, RefusedError, ServerUnreachable, WireError
 from oiafed.runtime.envelope import PROTOCOL
 from oiafed.runtime.grpc.auth import ClientSecurity
+from oiafed.runtime.grpc.diagnose import tls_mistake
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
 from oiafed.runtime.grpc.wire import CLIENT_OPTIONS, model_digest, parse_address
@@ -36,12 +41,15 @@ from oiafed.runtime.worker import ClientWorker, TaskReply
 
 logger = logging.getLogger(__name__)
 
-MAX_PAYLOAD = 1 << 36
-"""The largest global model a client accepts (64 GiB)."""
+MAX_TASK_BYTES = 1 << 32
+"""The largest task a client accepts by default, in bytes (``runtime.max_task_bytes``)."""
 
 REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
-TLS_FAILURES = ("handshake", "ssl", "certificate", "tsi_")
+DUPLICATE_WAIT = 45.0
+"""Seconds a client refused because its id is already connected keeps trying: the server
+drops a connection that died without closing within 30 s (keepalive, ``wire.KEEPALIVE``), so a
+client restarted after such a death gets in; a second process for a live one gives up."""
 
 
 Execute = Callable[[memoryview, bytes], TaskReply]
@@ -71,11 +79,16 @@ class FederationClient:
         security: token and TLS material.
         digest: the model digest the server checks (``wire.model_digest(cfg)``).
         reconnect_timeout: give up after this many seconds without a connection.
+        duplicate_wait: give up after this many seconds of refusals because ``client_id`` is
+            already connected.
+        max_task_bytes: a task declared larger is answered with an error, never allocated.
     """
 
     def __init__(self, server: str, client_id: str, execute: Execute,
                  security: ClientSecurity, *, digest: str = "",
-                 reconnect_timeout: float = 300.0) -> None:
+                 reconnect_timeout: float = 300.0,
+                 duplicate_wait: float = DUPLICATE_WAIT,
+                 max_task_bytes: int = MAX_TASK_BYTES) -> None:
         parse_address(server, "--server")
         self.server = server
         self.client_id = client_id
@@ -83,6 +96,8 @@ class FederationClient:
         self.security = security
         self.digest = digest
         self.reconnect_timeout = reconnect_timeout
+        self.duplicate_wait = duplicate_wait
+        self.max_task_bytes = max_task_bytes
         self.connections = 0
 
     def run(self) -> Finished:
@@ -94,21 +109,32 @@ class FederationClient:
         """
         last_seen = time.monotonic()
         delay, last_error = 0.1, ""
+        duplicate_since: float | None = None
         while True:
             try:
                 return self._session()
             except _Dropped as exc:
                 logger.warning("connection to %s lost (%s); reconnecting", self.server, exc)
-                last_seen, delay = time.monotonic(), 0.1
+                last_seen, delay, duplicate_since = time.monotonic(), 0.1, None
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
+                refusal = f"the server {self.server} refused {self.client_id}: {details} ({code.name})"
                 if code in REFUSALS:
-                    raise RefusedError(f"the server {self.server} refused {self.client_id}: "
-                                       f"{details} ({code.name})") from None
-                if self.security.tls and any(w in details.lower() for w in TLS_FAILURES):
-                    raise RefusedError(f"TLS with {self.server} failed: {details}") from None
-                logger.debug("cannot reach %s: %s %s", self.server, code.name, details)
-                last_error = f"{code.name}: {details}"
+                    raise RefusedError(refusal) from None
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    last_seen = time.monotonic()  # the server answered
+                    if duplicate_since is None:
+                        duplicate_since = last_seen
+                        logger.warning("%s; trying again for up to %gs", refusal,
+                                       self.duplicate_wait)
+                    if last_seen - duplicate_since >= self.duplicate_wait:
+                        raise RefusedError(refusal) from None
+                elif code == grpc.StatusCode.UNAVAILABLE and (
+                        mistake := tls_mistake(self.server, details, self.security)):
+                    raise RefusedError(mistake) from None
+                else:
+                    logger.debug("cannot reach %s: %s %s", self.server, code.name, details)
+                    last_error = f"{code.name}: {details}"
             if time.monotonic() - last_seen > self.reconnect_timeout:
                 hint = ""
                 if "socket closed" in last_error.lower():
@@ -137,8 +163,8 @@ class FederationClient:
                 yield message
 
         channel = self._channel()
-        call = pb_grpc.FederationStub(channel).Connect(requests(),
-                                                       metadata=self.security.metadata())
+        call = pb_grpc.FederationStub(channel).Connect(
+            requests(), metadata=self.security.metadata(self.client_id))
         try:
             first = next(call)  # grpc.RpcError when refused or unreachable
             if first.WhichOneof("kind") != "welcome":
@@ -165,8 +191,13 @@ class FederationClient:
         for message in call:
             kind = message.WhichOneof("kind")
             if kind == "task":
-                task, assembler = message.task, Assembler(message.task.size, MAX_PAYLOAD)
-                if assembler.add(message.task.data):
+                task, assembler = message.task, None
+                if task.size > self.max_task_bytes:  # answered before anything is allocated
+                    self._refuse(task, outbox)
+                    task = None  # its chunks are skipped
+                    continue
+                assembler = Assembler(task.size, self.max_task_bytes)
+                if assembler.add(task.data):
                     self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "chunk":
@@ -181,6 +212,14 @@ class FederationClient:
                     pass
                 return Finished(message.finish.ok, message.finish.reason)
         raise _Dropped("the server ended the stream without finishing the run")
+
+    def _refuse(self, task: pb.TrainTask,
+                outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
+        """Answer ``task`` with why it is not trained: it is larger than ``max_task_bytes``."""
+        reason = (f"a task of {task.size} bytes is over this client's limit "
+                  f"runtime.max_task_bytes={self.max_task_bytes}")
+        logger.error("round %d: %s", task.round, reason)
+        outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id, traceback=reason)))
 
     def _answer(self, task: pb.TrainTask, assembler: Assembler,
                 outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
@@ -233,7 +272,8 @@ def run_client(cfg: ExperimentConfig, *, server: str, client_id: str, security: 
         torch.set_num_threads(threads)
     worker = build_worker(cfg, client_id, local_data=local_data)
     client = FederationClient(server, client_id, worker.execute, security,
-                              digest=model_digest(cfg), reconnect_timeout=reconnect_timeout)
+                              digest=model_digest(cfg), reconnect_timeout=reconnect_timeout,
+                              max_task_bytes=cfg.runtime.max_task_bytes)
     logger.info("%s: connecting to %s", client_id, server)
     try:
         return client.run()

@@ -1,5 +1,6 @@
 """A whole gRPC deployment on this machine: a server on 127.0.0.1 and one ``oiafed client``
-process per client of the federation (with a fresh random token), each logging to
+process per client of the federation (each with its own token, derived from a fresh random
+secret), each logging to
 ``<run folder>/clients/<client id>.log``. The client processes are forked from the runtimes'
 forkserver (``runtime/processes.py``: the imports are paid once), or started as
 ``python -m oiafed.cli client`` where the OS has none."""
@@ -19,7 +20,7 @@ from typing import IO, Any, Protocol
 from oiafed.config import ExperimentConfig
 from oiafed.exceptions import DeploymentError
 from oiafed.runtime import processes
-from oiafed.runtime.grpc.auth import TOKEN_ENV, ServerSecurity
+from oiafed.runtime.grpc.auth import TOKEN_ENV, ServerSecurity, client_token
 from oiafed.runtime.grpc.runtime import GrpcRuntime
 from oiafed.runtime.processes import ProcessSetup
 
@@ -92,10 +93,14 @@ class LoopbackRuntime(GrpcRuntime):
     """A server on 127.0.0.1 and one ``oiafed client`` process per client of the federation."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        super().__init__("127.0.0.1:0", ServerSecurity(token=secrets.token_urlsafe(32)),
+        secret = secrets.token_urlsafe(32)
+        super().__init__("127.0.0.1:0", ServerSecurity(secret),
                          min_join=cfg.runtime.min_join,
-                         join_timeout=cfg.runtime.join_timeout or LOOPBACK_JOIN_TIMEOUT)
+                         join_timeout=cfg.runtime.join_timeout or LOOPBACK_JOIN_TIMEOUT,
+                         hello_timeout=cfg.runtime.hello_timeout,
+                         max_streams=cfg.runtime.max_streams)
         self.cfg = cfg
+        self._secret = secret
         self.processes: dict[str, ClientProcess] = {}
         self.logs: dict[str, Path] = {}
         self._files: list[IO[bytes]] = []
@@ -109,8 +114,7 @@ class LoopbackRuntime(GrpcRuntime):
         log_dir = run_dir / "clients" if run_dir is not None else Path(self._tmp.name)
         log_dir.mkdir(parents=True, exist_ok=True)
         # The children import what this process can (user modules of ``imports`` included).
-        token = self.security.token or ""
-        env = {**os.environ, TOKEN_ENV: token, "PYTHONPATH": ProcessSetup.here().pythonpath()}
+        env = {**os.environ, "PYTHONPATH": ProcessSetup.here().pythonpath()}
         threads = str(self.cfg.runtime.threads or 1)
         ctx = processes.context()
         for cid in self.spec.client_ids:
@@ -118,6 +122,7 @@ class LoopbackRuntime(GrpcRuntime):
             self.logs[cid] = log
             argv = ["client", str(config_file), "--server", f"127.0.0.1:{self.port}",
                     "--client-id", cid, "--threads", threads, "--reconnect-timeout", "30"]
+            token = client_token(self._secret, cid)
             if ctx.get_start_method() == "forkserver":
                 self.processes[cid] = ForkedClient(ctx, argv, log, token)
                 continue
@@ -125,7 +130,8 @@ class LoopbackRuntime(GrpcRuntime):
             self._files.append(handle)
             self.processes[cid] = subprocess.Popen(
                 [sys.executable, "-m", "oiafed.cli", *argv],
-                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                env={**env, TOKEN_ENV: token},
             )
 
     def _check_clients(self) -> None:

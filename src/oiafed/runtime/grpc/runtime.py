@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import grpc
 
 from oiafed.core.types import ClientTask, Outcome, RoundTask
+from oiafed.data.federated import id_set
 from oiafed.exceptions import DeploymentError, InputError
 from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
 from oiafed.runtime.envelope import encode_client, pack_round
@@ -43,20 +44,26 @@ class GrpcRuntime(Runtime):
         security: the token and TLS material.
         min_join: clients that must have joined before the first round (default: all).
         join_timeout: seconds to wait for them (None: no limit).
+        hello_timeout: seconds a new stream has to say Hello before it is closed.
+        max_streams: the most streams open at once (None: twice the number of clients, plus
+            16); more are refused and their clients retry.
     """
 
     def __init__(self, address: str, security: ServerSecurity, *,
-                 min_join: int | None = None, join_timeout: float | None = None) -> None:
+                 min_join: int | None = None, join_timeout: float | None = None,
+                 hello_timeout: float = 10.0, max_streams: int | None = None) -> None:
         self.host, self.port = parse_address(address, "runtime.address")
         security.check()
         self.address = address
         self.security = security
         self.min_join = min_join
         self.join_timeout = join_timeout
+        self.hello_timeout = hello_timeout
+        self.max_streams = max_streams
         self.spec = RunSpec(client_ids=(), num_sampled=0)
         self.service: FederationService | None = None
         self._server: grpc.aio.Server | None = None
-        self._client_set: frozenset[str] = frozenset()
+        self._client_set: Container[str] = frozenset()
         self._digest = ""
         self._next_task = 0
 
@@ -70,9 +77,11 @@ class GrpcRuntime(Runtime):
     async def start(self, spec: RunSpec) -> None:
         """Listen, then wait until ``min_join`` clients have joined."""
         self.spec = spec
-        self._client_set = frozenset(spec.client_ids)
+        self._client_set = id_set(spec.client_ids)
         self._digest = model_digest(spec.config) if spec.config is not None else ""
-        self.service = FederationService(self._check_hello)
+        self.service = FederationService(
+            self._check_hello, hello_timeout=self.hello_timeout,
+            max_streams=self.max_streams or 2 * len(spec.client_ids) + 16)
         try:
             await self._listen()
             total = len(spec.client_ids)
@@ -175,8 +184,11 @@ class GrpcRuntime(Runtime):
             raise RuntimeError("GrpcRuntime.start() must be called first")
         return self.service
 
-    def _check_hello(self, hello: pb.Hello) -> tuple[grpc.StatusCode, str] | None:
+    def _check_hello(self, hello: pb.Hello, context: grpc.aio.ServicerContext
+                     ) -> tuple[grpc.StatusCode, str] | None:
         ids = self.spec.client_ids
+        if (reason := self.security.identity_refusal(hello.client_id, context)) is not None:
+            return grpc.StatusCode.PERMISSION_DENIED, reason
         if hello.client_id not in self._client_set:
             return (grpc.StatusCode.PERMISSION_DENIED,
                     f"unknown client id {hello.client_id!r}: this federation has "
@@ -204,12 +216,12 @@ class GrpcRuntime(Runtime):
         self.port = port
         self._server = server
         await server.start()
-        if credentials is None and self.security.token and not is_loopback(self.host):
+        if credentials is None and self.security.secret and not is_loopback(self.host):
             logger.warning("no TLS: the token and the weights cross the network in clear "
                            "(give --tls-cert and --tls-key)")
         logger.info("listening on %s:%d (%s, %s)", self.host, port,
                     "TLS" if credentials else "plaintext",
-                    "token required" if self.security.token else "no token")
+                    "client tokens required" if self.security.secret else "no token")
         await self._listening()
 
     async def _listening(self) -> None:

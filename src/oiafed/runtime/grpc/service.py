@@ -1,12 +1,16 @@
 """The server's gRPC service: client sessions on ``Connect`` streams, and the tasks sent on them.
 
 Each client process holds one bidirectional ``Connect`` stream (see ``proto/oiafed.proto``).
-The service checks each Hello (protocol, client id, model), keeps one ``Session`` per
-connected client, sends a task's messages and resolves the task's future with the client's
+The service checks each Hello (protocol, the caller's right to the client id, the id, the
+model), keeps one ``Session`` per connected client (a second connection for a connected id is
+refused, never a takeover), sends a task's messages and resolves the task's future with the client's
 ``Reply``: the update's envelope, the traceback of training that raised, or why the client
 gave neither (it disconnected, broke the protocol). It never opens an envelope and knows
 nothing of rounds' bookkeeping, which is the runtime's (``runtime.py``). A dead connection
-ends its stream (the peer's socket closes, or keepalive pings go unanswered for 10 s).
+ends its stream (the peer's socket closes, or keepalive pings go unanswered for 10 s), and so
+does silence: a stream without a Hello within ``hello_timeout`` seconds. At most
+``max_streams`` streams are open at once. What a peer sent is logged escaped (``logs.shown``)
+and repeated refusals are throttled (``logs.LogThrottle``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Any
 
 import grpc
 
+from oiafed.client_state import CLIENT_ID_PATTERN
 from oiafed.exceptions import WireError
 from oiafed.runtime.envelope import PROTOCOL
+from oiafed.runtime.grpc.logs import LogThrottle, shown
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
 from oiafed.runtime.tensors import Assembler
@@ -80,18 +86,27 @@ class Session:
             self.task.resolve(Reply(failure=reason, kind=kind))
 
 
-HelloCheck = Callable[[pb.Hello], "tuple[grpc.StatusCode, str] | None"]
+HelloCheck = Callable[[pb.Hello, grpc.aio.ServicerContext], "tuple[grpc.StatusCode, str] | None"]
 
 
 class FederationService(pb_grpc.FederationServicer):
     """The ``Federation`` service of one run.
 
     Args:
-        check_hello: why a Hello is refused (a status code and a message), or None.
+        check_hello: why a Hello on a call is refused (a status code and a message), or None.
+        hello_timeout: seconds a new stream has to say Hello before it is closed.
+        max_streams: the most streams open at once (sessions and streams yet to say Hello);
+            more are refused with ``RESOURCE_EXHAUSTED`` (a client retries).
     """
 
-    def __init__(self, check_hello: HelloCheck) -> None:
+    def __init__(self, check_hello: HelloCheck, *, hello_timeout: float,
+                 max_streams: int) -> None:
         self.check_hello = check_hello
+        self.hello_timeout = hello_timeout
+        self.max_streams = max_streams
+        self.streams = 0
+        """Streams open now."""
+        self._refusals = LogThrottle(logger)
         self.sessions: dict[str, Session] = {}
         self.joined: list[str] = []
         """Clients that joined (or rejoined), in order, until the runtime takes them."""
@@ -140,35 +155,51 @@ class FederationService(pb_grpc.FederationServicer):
     # -- the service -----------------------------------------------------------------------
 
     async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        """A client's session (the token was checked by the interceptor)."""
-        first = await context.read()
+        """A client's stream (the token was checked by the interceptor), unless
+        ``max_streams`` are open."""
+        if self.streams >= self.max_streams:
+            self._refusals.warning("max_streams", "refused a stream from %s: %d are open "
+                                   "(runtime.max_streams)", context.peer(), self.streams)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the server has runtime.max_streams={self.max_streams} streams "
+                                "open: try again later")
+        self.streams += 1
+        try:
+            await self._session(context)
+        finally:
+            self.streams -= 1
+
+    async def _session(self, context: grpc.aio.ServicerContext) -> None:
+        """A client's session: its Hello (within ``hello_timeout`` seconds), then its messages."""
+        try:
+            first = await asyncio.wait_for(context.read(), self.hello_timeout)
+        except TimeoutError:
+            self._refusals.warning("hello_timeout", "closed a stream from %s: no Hello within "
+                                   "%gs (runtime.hello_timeout)", context.peer(), self.hello_timeout)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no Hello within runtime.hello_timeout={self.hello_timeout:g}s")
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+            self._refusals.warning("no_hello", "refused a stream from %s: its first message is "
+                                   "not Hello", context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
         hello = first.hello
-        refusal = self._refusal(hello)
+        refusal = self._refusal(hello, context)
         if refusal is not None:
             code, message = refusal
-            logger.warning("refused %s from %s: %s", hello.client_id or "a client", context.peer(),
-                           message)
+            self._refusals.warning(code.name, "refused %s from %s: %s",
+                                   shown(hello.client_id), context.peer(), message)
             await context.abort(code, message)
-        session = Session(hello.client_id, context, hello.pid)
-        await context.write(pb.ServerMessage(welcome=pb.Welcome(session_id=secrets.token_hex(8))))
-        previous = self.sessions.get(session.client_id)
-        if previous is not None:
-            logger.warning("%s connected again from %s; its earlier connection is dropped",
-                           session.client_id, session.peer)
-            previous.fail("reconnected: the task of its earlier connection is lost", "disconnected")
-        self.sessions[session.client_id] = session
+        # Registered with no await since _refusal: two Hellos for one id cannot both pass it.
+        session = self.sessions[hello.client_id] = Session(hello.client_id, context, hello.pid)
         self.joined.append(session.client_id)
-        logger.info("%s joined from %s (pid %d)", session.client_id, session.peer, session.pid)
-        self._notify()
         try:
+            await session.send([pb.ServerMessage(welcome=pb.Welcome(session_id=secrets.token_hex(8)))])
+            logger.info("%s joined from %s (pid %d)", session.client_id, session.peer, session.pid)
+            self._notify()
             while True:
                 message = await context.read()
                 if message is grpc.aio.EOF:
                     break
-                if self.sessions.get(session.client_id) is not session:
-                    continue  # replaced by a newer connection: whatever it sends is stale
                 try:
                     self._receive(session, message)
                 except WireError as exc:
@@ -178,17 +209,26 @@ class FederationService(pb_grpc.FederationServicer):
         finally:
             session.fail("disconnected during the round", "disconnected")
             session.ended.set()
-            if self.sessions.get(session.client_id) is session:
-                del self.sessions[session.client_id]
-                logger.info("%s left", session.client_id)
+            del self.sessions[session.client_id]
+            logger.info("%s left", session.client_id)
             self._notify()
 
-    def _refusal(self, hello: pb.Hello) -> tuple[grpc.StatusCode, str] | None:
+    def _refusal(self, hello: pb.Hello, context: grpc.aio.ServicerContext
+                 ) -> tuple[grpc.StatusCode, str] | None:
         if hello.protocol != PROTOCOL:
             return (grpc.StatusCode.FAILED_PRECONDITION,
                     f"the client speaks wire protocol {hello.protocol}, the server {PROTOCOL}: "
                     "run the same oiafed version on both")
-        return self.check_hello(hello)
+        if not CLIENT_ID_PATTERN.fullmatch(hello.client_id):
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{shown(hello.client_id)} is not a valid client id: use letters, digits, "
+                    "'_', '.', '-' (not first), at most 200 characters")
+        refusal = self.check_hello(hello, context)
+        if refusal is None and (other := self.sessions.get(hello.client_id)) is not None:
+            return (grpc.StatusCode.ALREADY_EXISTS,
+                    f"{hello.client_id} is already connected (from {other.peer}, pid {other.pid}):"
+                    " a second connection is refused")
+        return refusal
 
     def _receive(self, session: Session, message: pb.ClientMessage) -> None:
         kind = message.WhichOneof("kind")
