@@ -95,16 +95,23 @@ def shared_ray() -> Any:
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serial_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every algorithm's serial result, computed once for the runtimes compared with it."""
+    folder = tmp_path_factory.mktemp("serial")
+    return {name: oiafed.run(config_of(name), run_dir=folder / name) for name in ALGORITHMS}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", ["parallel", "ray", "grpc"])
-def test_every_algorithm_gives_the_serial_history_on_other_runtimes(tmp_path, request, mode):
+def test_every_algorithm_gives_the_serial_history_on_other_runtimes(tmp_path, request, mode,
+                                                                    serial_results):
     if mode == "ray":
         request.getfixturevalue("shared_ray")
     runtime = {"mode": mode, "workers": 2, "checkpoint_interval": 0}
-    for name in ALGORITHMS:
-        serial = oiafed.run(config_of(name), run_dir=tmp_path / f"{name}-serial")
-        other = oiafed.run(config_of(name, runtime=runtime), run_dir=tmp_path / f"{name}-{mode}")
+    for name, serial in serial_results.items():
+        other = oiafed.run(config_of(name, runtime=runtime), run_dir=tmp_path / name)
         assert without_timing(other.history) == without_timing(serial.history), name
         assert_same_weights(other.weights, serial.weights)
 

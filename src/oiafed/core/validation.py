@@ -38,17 +38,18 @@ def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
     return [None if key is None else f"{key} holds non-finite values" for key in bad_keys]
 
 
-def distance(weights: Weights, reference: Weights) -> float:
-    """The L2 distance between ``weights`` and ``reference`` over ``reference``'s floating-point
-    tensors, summed in float64 (weights near float32's limits give a large or infinite
-    distance, never a NaN)."""
-    total = 0.0
+def distances(weights_list: list[Weights], reference: Weights) -> list[float]:
+    """The L2 distance of each of ``weights_list`` from ``reference`` over ``reference``'s
+    floating-point tensors, in float64 (weights near float32's limits give a large or infinite
+    distance, never a NaN). One stacked operation per key for the whole round."""
+    squared = torch.zeros(len(weights_list), dtype=torch.float64)
     for key, ref in reference.items():
         if ref.is_floating_point():
-            tensor = weights[key]
-            diff = tensor - ref.to(tensor.device)
-            total += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
-    return math.sqrt(total)
+            diff = torch.stack([w[key] for w in weights_list]) - ref
+            norms = torch.linalg.vector_norm(diff.reshape(len(weights_list), -1), dim=1,
+                                             dtype=torch.float64)
+            squared += norms.cpu().square()
+    return squared.sqrt().tolist()
 
 
 def distance_problems(weights_list: list[Weights], reference: Weights,
@@ -67,15 +68,15 @@ def distance_problems(weights_list: list[Weights], reference: Weights,
     first = next(iter(weights_list[0].values()), None)
     if first is not None:
         reference = {k: v.to(first.device) for k, v in reference.items()}
-    distances = [distance(weights, reference) for weights in weights_list]
-    moved = sorted(d for d in distances if d > 0)
+    found = distances(weights_list, reference)
+    moved = sorted(d for d in found if d > 0)
     if not moved:
-        return [None] * len(distances)
+        return [None] * len(found)
     median = moved[(len(moved) - 1) // 2]
     bound = ratio * median
     return [None if d <= bound else
             f"it is {d:.3g} from the global model, more than max_update_norm_ratio={ratio:g} "
-            f"times the round's median distance {median:.3g}" for d in distances]
+            f"times the round's median distance {median:.3g}" for d in found]
 
 
 def weights_problem(weights: object, reference: Weights) -> str | None:
