@@ -32,9 +32,10 @@ from oiafed.core.types import (
     Weights,
 )
 from oiafed.core.validation import (
-    distance_problems,
+    model_is_finite,
     nonfinite_problems,
     update_problem,
+    value_problems,
     weights_problem,
 )
 from oiafed.core.weights import load_weights
@@ -401,8 +402,8 @@ class Trainer:
         await self.callbacks.on_aggregate_start(self, updates)
         weights = aggregator.aggregate(updates, global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
-        problem = nonfinite_problems([weights])[0]
-        if problem is not None:  # never loaded: the last good round stays the model (and state)
+        if not model_is_finite(weights):  # never loaded: the last good round stays (and state)
+            problem = nonfinite_problems([weights])[0]
             raise RoundFailed(f"round {round_num}: the aggregated global model is not finite "
                               f"({problem}); it was not loaded")
         load_weights(self.model, weights)
@@ -480,17 +481,11 @@ class Trainer:
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]
-        value_problems = nonfinite_problems(
-            [o.weights for i in well_formed if isinstance(o := outcomes[i], ClientUpdate)])
-        for i, problem in zip(well_formed, value_problems, strict=True):
+        found = value_problems(
+            [o.weights for i in well_formed if isinstance(o := outcomes[i], ClientUpdate)],
+            reference, self.max_update_norm_ratio)
+        for i, problem in zip(well_formed, found, strict=True):
             problems[i] = problem
-        if self.max_update_norm_ratio is not None:
-            finite = [i for i in well_formed if problems[i] is None]
-            far = distance_problems(
-                [o.weights for i in finite if isinstance(o := outcomes[i], ClientUpdate)],
-                reference, self.max_update_norm_ratio)
-            for i, problem in zip(finite, far, strict=True):
-                problems[i] = problem
         if self.recorder is not None:
             self.recorder.record_clients([client_row(round_num, outcome, problem)
                                           for outcome, problem in zip(outcomes, problems,

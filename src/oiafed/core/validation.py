@@ -64,11 +64,50 @@ def distance_problems(weights_list: list[Weights], reference: Weights,
     """
     if not weights_list:
         return []
-    # the reference once where the updates are (they arrive on the CPU; the model may not be)
-    first = next(iter(weights_list[0].values()), None)
-    if first is not None:
-        reference = {k: v.to(first.device) for k, v in reference.items()}
+    return far_problems(distances(weights_list, _beside(weights_list, reference)), ratio)
+
+
+def value_problems(weights_list: list[Weights], reference: Weights,
+                   ratio: float | None) -> list[str | None]:
+    """For a round's well-formed updates of ``reference``'s form: why each cannot be averaged
+    for its values: non-finite ones (``nonfinite_problems``) or, with a ``ratio``, too far
+    from ``reference`` (``distance_problems``).
+
+    With a ``ratio`` one pass serves both when all is well: finite distances mean finite
+    values (a NaN or an infinity makes its distance non-finite)."""
+    if ratio is None or not weights_list:
+        return nonfinite_problems(weights_list)
+    reference = _beside(weights_list, reference)
     found = distances(weights_list, reference)
+    if all(math.isfinite(d) for d in found):
+        return far_problems(found, ratio)
+    problems = nonfinite_problems(weights_list)
+    finite = [i for i, problem in enumerate(problems) if problem is None]
+    far = distance_problems([weights_list[i] for i in finite], reference, ratio)
+    for i, problem in zip(finite, far, strict=True):
+        problems[i] = problem
+    return problems
+
+
+def model_is_finite(weights: Weights) -> bool:
+    """Whether every floating-point value of ``weights`` is finite: one fused norm per
+    tensor (a finite tensor whose norm overflows falls back to the exact check)."""
+    tensors = [t for t in weights.values() if t.is_floating_point()]
+    if not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
+        return True
+    return _nonfinite_key(weights) is None
+
+
+def _beside(weights_list: list[Weights], reference: Weights) -> Weights:
+    """``reference`` on the device of the updates (they arrive on the CPU; the model may not)."""
+    first = next(iter(weights_list[0].values()), None)
+    if first is None:
+        return reference
+    return {k: v.to(first.device) for k, v in reference.items()}
+
+
+def far_problems(found: list[float], ratio: float) -> list[str | None]:
+    """``distance_problems`` for distances already measured."""
     moved = sorted(d for d in found if d > 0)
     if not moved:
         return [None] * len(found)
