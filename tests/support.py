@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from oiafed import Callback, registry
+import pytest
+import torch
+import yaml
+
+import oiafed
+from oiafed import Callback, TrainResult, registry
 
 
 def tiny_config(**sections: Any) -> dict[str, Any]:
@@ -87,3 +102,77 @@ class Interrupt(Callback):
     async def on_round_end(self, trainer, round_num, result, **kwargs):
         if round_num == self.round_num:
             raise KeyboardInterrupt
+
+
+@contextmanager
+def module_folder(folder: Path, name: str, source: str) -> Iterator[Path]:
+    """Write module ``name`` into ``folder`` and put the folder on ``sys.path`` and
+    ``$PYTHONPATH`` (worker and client processes import it too) while the block runs."""
+    (folder / f"{name}.py").write_text(source, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        patch.setenv("PYTHONPATH", os.pathsep.join(
+            filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+        yield folder
+
+
+SLOW_ROUNDS = textwrap.dedent('''
+    import time
+    from oiafed import Callback, register
+
+    @register("callback.slow_rounds")
+    class SlowRounds(Callback):
+        """Gives a test time to kill the run between rounds."""
+
+        def __init__(self, seconds: float = 0.3):
+            self.seconds = seconds
+
+        async def on_round_end(self, trainer, round_num, result, **kwargs):
+            time.sleep(self.seconds)
+''')
+
+
+def kill_and_resume(tmp_path: Path, config: dict[str, Any], after_rounds: int = 3
+                    ) -> tuple[list[dict[str, Any]], TrainResult]:
+    """Run ``config`` with ``oiafed run`` in a process slowed by the ``slow_rounds`` callback,
+    SIGKILL it once ``after_rounds`` rounds are recorded, resume it with ``oiafed run
+    --resume``; then run it whole in this process. Returns the resumed run's metrics rows
+    and the whole run's result (the run folder is ``tmp_path / "killed"``)."""
+    (tmp_path / "slow_rounds.py").write_text(SLOW_ROUNDS)
+    config = {**config, "imports": [*config.get("imports", []), "slow_rounds"],
+              "callbacks": [{"type": "slow_rounds", "args": {"seconds": 0.3}},
+                            *config.get("callbacks", [])]}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "oiafed.cli", "run"]
+    process = subprocess.Popen([*command, str(config_file), "--run-dir", str(run_dir), "-q"],
+                               env=env, cwd=tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_rounds:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert len(metrics.read_text().splitlines()) < config["trainer"]["args"]["rounds"]
+    resumed = subprocess.run([*command, "--resume", str(run_dir), "-q"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    sys.path.insert(0, str(tmp_path))
+    try:
+        whole = oiafed.run(config, run_dir=tmp_path / "whole",
+                           overrides=["callbacks.0.args.seconds=0"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    return [json.loads(line) for line in metrics.read_text().splitlines()], whole
+
+
+def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

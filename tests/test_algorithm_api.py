@@ -3,7 +3,6 @@ the client half's extras come back, stragglers and the pairing of halves."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import oiafed
 from oiafed import Callback
 from oiafed.exceptions import ConfigError
-from support import RegistrySnapshot, tiny_config, without_timing
+from support import RegistrySnapshot, module_folder, tiny_config, without_timing
 
 MODULE = "oiafed_probe_algorithm"
 PROBE = '''
@@ -75,12 +74,7 @@ class ProbeLearner(Learner):
 
 @pytest.fixture(scope="module")
 def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("probe")
-    (folder / f"{MODULE}.py").write_text(PROBE, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(folder))
-        patch.setenv("PYTHONPATH", os.pathsep.join(
-            filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    with module_folder(tmp_path_factory.mktemp("probe"), MODULE, PROBE) as folder:
         yield folder
 
 

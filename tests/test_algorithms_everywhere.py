@@ -3,22 +3,13 @@ an interrupt at any round, and after SIGKILL)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from typing import Any
 
 import pytest
-import torch
-import yaml
 
 import oiafed
 from oiafed.state import load_state
-from support import Interrupt, tiny_config, without_timing
+from support import Interrupt, assert_same_weights, kill_and_resume, tiny_config, without_timing
 
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "fedavg": {},
@@ -52,10 +43,6 @@ def config_of(name: str, rounds: int = 3, **sections: Any) -> dict[str, Any]:
     return tiny_config(**{**defaults, **sections})
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_every_algorithm_is_registered_with_its_halves():
@@ -116,56 +103,11 @@ def test_every_algorithm_gives_the_serial_history_on_other_runtimes(tmp_path, re
         assert_same_weights(other.weights, serial.weights)
 
 
-SLOW_MODULE = textwrap.dedent('''
-    import time
-    from oiafed import Callback, register
-
-    @register("callback.slow_rounds")
-    class SlowRounds(Callback):
-        """Gives a test time to kill the run between rounds."""
-
-        def __init__(self, seconds: float = 0.3):
-            self.seconds = seconds
-
-        async def on_round_end(self, trainer, round_num, result, **kwargs):
-            time.sleep(self.seconds)
-''')
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam"])
 def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, name):
-    (tmp_path / "slow_rounds.py").write_text(SLOW_MODULE)
-    config = config_of(name, rounds=6, imports=["slow_rounds"],
-                       callbacks=[{"type": "slow_rounds", "args": {"seconds": 0.3}}])
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "oiafed.cli", "run"]
-    process = subprocess.Popen([*command, str(config_file), "--run-dir", str(run_dir), "-q"],
-                               env=env, cwd=tmp_path)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
-    resumed = subprocess.run([*command, "--resume", str(run_dir), "-q"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-
-    sys.path.insert(0, str(tmp_path))
-    try:
-        whole = oiafed.run(config, run_dir=tmp_path / "whole",
-                           overrides=["callbacks.0.args.seconds=0"])
-    finally:
-        sys.path.remove(str(tmp_path))
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows, whole = kill_and_resume(tmp_path, config_of(name, rounds=6))
     assert [row["round"] for row in rows] == list(range(1, 7))
     assert without_timing(rows) == without_timing(whole.history)
-    assert_same_weights(load_state(run_dir)["trainer"]["weights"], whole.weights)
+    assert_same_weights(load_state(tmp_path / "killed")["trainer"]["weights"], whole.weights)

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 import oiafed
 from oiafed.exceptions import InputError
 from oiafed.state import STATE_FILE, StateWriter, load_state
-from support import Interrupt, tiny_config, without_timing
+from support import Interrupt, assert_same_weights, kill_and_resume, tiny_config, without_timing
 
 CONFIG = tiny_config(
     data={"type": "digits", "num_clients": 6,
@@ -39,10 +31,6 @@ def rounds_in(folder: Path) -> list[int]:
     return [json.loads(line)["round"] for line in lines]
 
 
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -153,63 +141,13 @@ def test_checkpoint_every_zero_writes_no_state(tmp_path):
         oiafed.run(None, resume=tmp_path / "run")
 
 
-SLOW_MODULE = textwrap.dedent('''
-    import time
-    from oiafed import Callback, register
-
-    @register("callback.slow_rounds")
-    class SlowRounds(Callback):
-        """Gives a test time to kill the run between rounds."""
-
-        def __init__(self, seconds: float = 0.3):
-            self.seconds = seconds
-
-        async def on_round_end(self, trainer, round_num, result, **kwargs):
-            time.sleep(self.seconds)
-''')
-
-
-def cli(*args: str, cwd: Path) -> list[str]:
-    return [sys.executable, "-m", "oiafed.cli", *args]
-
-
 @pytest.mark.slow
 def test_sigkilled_process_resumes_to_the_uninterrupted_result(tmp_path):
-    (tmp_path / "slow_rounds.py").write_text(SLOW_MODULE)
-    config = {**CONFIG, "imports": ["slow_rounds"],
-              "trainer": {"args": {"rounds": 8, "clients_per_round": 3}},
-              "callbacks": [{"type": "slow_rounds", "args": {"seconds": 0.3}}]}
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    run_dir = tmp_path / "killed"
-
-    process = subprocess.Popen(cli("run", str(config_file), "--run-dir", str(run_dir), "-q",
-                                   cwd=tmp_path), env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
-    assert len(rounds_in(run_dir)) < 8
-
-    resumed = subprocess.run(cli("run", "--resume", str(run_dir), "-q", cwd=tmp_path),
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-
-    sys.path.insert(0, str(tmp_path))
-    try:
-        whole = oiafed.run(config, run_dir=tmp_path / "whole", overrides=[
-            "callbacks.0.args.seconds=0"])
-    finally:
-        sys.path.remove(str(tmp_path))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    config = {**CONFIG, "trainer": {"args": {"rounds": 8, "clients_per_round": 3}}}
+    rows, whole = kill_and_resume(tmp_path, config)
     assert [row["round"] for row in rows] == list(range(1, 9))
     assert without_timing(rows) == without_timing(whole.history)
+    run_dir = tmp_path / "killed"
     final = load_state(run_dir)["trainer"]["weights"]
     assert_same_weights(final, whole.weights)
 

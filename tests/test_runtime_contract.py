@@ -30,7 +30,7 @@ import pytest
 import oiafed
 from oiafed.callbacks.base import HOOKS, Callback, overrides
 from oiafed.exceptions import ClientTrainingError, ConfigError
-from support import RegistrySnapshot, tiny_config, without_timing
+from support import RegistrySnapshot, module_folder, tiny_config, without_timing
 
 MODULE = "oiafed_contract_helpers"
 CLIENTS = ["client_0", "client_1", "client_2", "client_3"]
@@ -161,12 +161,7 @@ class Misbehave(Learner):
 def helpers_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The helpers module's folder: on ``sys.path`` and ``$PYTHONPATH`` (spawned workers,
     client processes) for this module's tests."""
-    folder = tmp_path_factory.mktemp("contract_helpers")
-    (folder / f"{MODULE}.py").write_text(HELPERS, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(folder))
-        patch.setenv("PYTHONPATH", os.pathsep.join(
-            filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    with module_folder(tmp_path_factory.mktemp("contract_helpers"), MODULE, HELPERS) as folder:
         yield folder
 
 

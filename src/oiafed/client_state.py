@@ -165,7 +165,7 @@ class ClientStateStore:
 
     def _file(self, client_id: str, create: bool) -> Path | None:
         """The spill file of ``client_id``; with ``create``, making the spill folder if need be."""
-        _check_id(client_id)
+        check_id(client_id)
         if self._dir is None:
             if not create:
                 return None
@@ -184,10 +184,24 @@ class ClientStateStore:
         return read_state(file)
 
 
-def write_state(file: Path, client_id: str, state: State) -> None:
-    """Write one client's ``state`` to ``file`` atomically (tensors, the rest as JSON)."""
+def encode_state(client_id: str, state: State) -> bytes:
+    """One client's ``state`` as the bytes of its file (tensors, the rest as JSON).
+
+    Raises:
+        ClientStateError: for a state that is not a dict of tensors and JSON-able values.
+    """
+    _check_dict(client_id, state)
     tensors, values = _split(client_id, state)
-    payload = save_tensors(tensors, metadata={VALUES_KEY: values})
+    return save_tensors(tensors, metadata={VALUES_KEY: values})
+
+
+def write_state(file: Path, client_id: str, state: State) -> None:
+    """Write one client's ``state`` to ``file`` atomically (``encode_state``)."""
+    write_bytes(file, encode_state(client_id, state))
+
+
+def write_bytes(file: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``file`` atomically."""
     with atomic_open(file, "wb") as handle:
         handle.write(payload)
 
@@ -212,13 +226,17 @@ def read_state(file: Path) -> State:
 def check_state(client_id: str, state: Any) -> None:
     """Refuse an id unfit for a file name and a state that is not a dict of tensors and
     JSON-able values (``ClientStateError``)."""
-    _check_id(client_id)
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ClientStateError(f"the state of {client_id} must be a dict with str keys")
+    check_id(client_id)
+    _check_dict(client_id, state)
     _split(client_id, state)
 
 
-def _check_id(client_id: Any) -> None:
+def _check_dict(client_id: str, state: Any) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ClientStateError(f"the state of {client_id} must be a dict with str keys")
+
+
+def check_id(client_id: Any) -> None:
     if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise ClientStateError(
             f"client id {client_id!r} cannot name a state file: use letters, digits, '_', '.', '-' "

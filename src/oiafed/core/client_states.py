@@ -5,7 +5,7 @@ The server half owns it and sends each sampled client its part in the round's pe
 extras, so the state is the same whichever runtime trains the clients, and a resumed run finds
 exactly the states of the round it resumes after.
 
-Every ``put`` writes ``<folder>/<client_id>@<round>.safetensors`` (``client_state.write_state``:
+Every ``put`` writes ``<folder>/<client_id>@<round>.safetensors`` (``client_state.encode_state``:
 tensors, the rest as JSON; nothing pickled). A client's older versions are deleted once a
 newer one belongs to a round whose run state is safely on disk (``collect``), so a crash at any
 moment leaves the version each client had at the last saved round; ``restore`` (on resume)
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from oiafed.client_state import State, check_state, read_state, write_state
+from oiafed.client_state import State, check_id, encode_state, read_state, write_bytes
 
 MEMORY_BYTES = 256 * 2**20
 _FILE = re.compile(r"^(?P<client>.+)@(?P<round>\d+)\.safetensors$")
@@ -77,9 +77,9 @@ class ClientStates:
             ClientStateError: for an id unfit for a file name, or a value neither a tensor nor
                 JSON-able.
         """
-        check_state(client_id, state)
-        folder = self._folder()
-        write_state(folder / f"{client_id}@{self.round}.safetensors", client_id, state)
+        check_id(client_id)
+        payload = encode_state(client_id, state)  # checked before the folder is made
+        write_bytes(self._folder() / f"{client_id}@{self.round}.safetensors", payload)
         versions = self._index().setdefault(client_id, [])
         if not versions or versions[-1] != self.round:
             versions.append(self.round)
