@@ -172,7 +172,7 @@ def synthetic_base(mnist_root: Path) -> dict[str, Any]:
 
 def mnist_base(mnist_root: Path) -> dict[str, Any]:
     return {
-        "data": {"type": "mnist", "num_clients": 100, "test_fraction": 1 / 7,
+        "data": {"type": "mnist", "num_clients": 100, "test_fraction": 1 / 7, "test_set": "split",
                  "args": {"root": str(mnist_root)},
                  "partition": {"type": "dirichlet", "args": {"alpha": 0.1}}},
         "model": {"type": "cnn"},
@@ -183,7 +183,7 @@ def mnist_base(mnist_root: Path) -> dict[str, Any]:
 
 def robust_base(mnist_root: Path) -> dict[str, Any]:
     return {
-        "data": {"type": "mnist", "num_clients": 20, "test_fraction": 1 / 7,
+        "data": {"type": "mnist", "num_clients": 20, "test_fraction": 1 / 7, "test_set": "split",
                  "args": {"root": str(mnist_root)}, "partition": {"type": "iid"}},
         "model": {"type": "mlp", "args": {"hidden": [64]}},
         "trainer": {"args": {"clients_per_round": 20}},

@@ -271,7 +271,7 @@ def test_ctrl_c_stops_a_run_within_a_round_and_exits_130(workdir: Path, mode: st
 
 @pytest.mark.parametrize(("name", "message"), [
     ("run_unknown_type", "aggregator.type: unknown aggregator 'fedavgg'. Did you mean 'fedavg'? "
-                         "Known aggregators: fedadagrad, fedadam, fedavg, "),
+                         "Known aggregators: ditto, fedadagrad, fedadam, fedavg, "),
     ("run_bad_override", "override 'trainer.args.rounds' must look like key.path=value"),
     ("validate_unknown_key", "epochs: unknown key"),
     ("validate_bad_value", "data.num_clients: Input should be greater than or equal to 1"),
@@ -311,7 +311,8 @@ def test_list_prints_every_kind_and_the_builtins(outcomes: dict[str, Outcome]) -
     assert outcome.returncode == 0, outcome
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in outcome.stdout.splitlines()}
     assert set(lines) == {"callback", "aggregator", "learner", "trainer", "model", "dataset",
-                          "partitioner", "attack"}
+                          "partitioner", "attack", "privacy"}
+    assert {n.strip() for n in lines["privacy"].split(",")} == {"central", "local"}
     assert "fedavg" in lines["aggregator"]
     assert {"cnn", "logreg", "mlp"} <= {n.strip() for n in lines["model"].split(",")}
     assert {"iid", "dirichlet", "shards", "quantity"} <= {n.strip() for n in lines["partitioner"].split(",")}

@@ -66,7 +66,8 @@ UPDATE = envelope.encode_update(ClientUpdate("client_1", 5, {"accuracy": 0.5, "l
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    (rewrite_header(UPDATE, v=2), "protocol 2; this end speaks 3"),
+    (rewrite_header(UPDATE, v=envelope.PROTOCOL - 1),
+     f"protocol {envelope.PROTOCOL - 1}; this end speaks {envelope.PROTOCOL}"),
     (rewrite_header(UPDATE, kind="round"), "expected a update message, got 'round'"),
     (rewrite_header(UPDATE, num_samples=-1), "num_samples must be an integer >= 0"),
     (rewrite_header(UPDATE, num_samples="7"), "num_samples must be an integer >= 0"),
@@ -78,7 +79,7 @@ UPDATE = envelope.encode_update(ClientUpdate("client_1", 5, {"accuracy": 0.5, "l
     (encode_payload(WEIGHTS, {envelope.HEADER_KEY: "{not json"}), "without a JSON header"),
     (encode_payload(WEIGHTS), "without a JSON header"),
     (encode_payload({"stray": torch.zeros(1)},
-                    {envelope.HEADER_KEY: json.dumps({"v": 3, "kind": "update"})}),
+                    {envelope.HEADER_KEY: json.dumps({"v": envelope.PROTOCOL, "kind": "update"})}),
      "no known group"),
     (b"not a payload at all", "malformed tensor payload"),
 ])

@@ -1,5 +1,5 @@
-"""The ``oiafed`` command: run, validate, list; server, client and tokens of a deployment.
-Exit 0 ok, 2 bad input, 1 failure."""
+"""The ``oiafed`` command: run, validate, list; sweep a grid; report and compare runs; server,
+client and tokens of a deployment. Exit 0 ok, 2 bad input, 1 failure."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from oiafed.callbacks.progress import ProgressCallback, format_metrics
 from oiafed.config import load_config
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError, OiafedError, exit_code
+from oiafed.reporting.command import add_report_commands, compare_command, report_command
 from oiafed.run import run, validate
 from oiafed.run_folder import RUN_LOG, active_run_log
+from oiafed.sweep.command import add_sweep_command, sweep_command
 
 logger = logging.getLogger("oiafed")
 
@@ -109,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     token_cmd.add_argument("client_ids", nargs="+", metavar="CLIENT_ID", help="e.g. client_3")
     token_cmd.add_argument("--secret-file", metavar="FILE",
                            help="file holding the server's secret (default: $OIAFED_SECRET)")
+    add_sweep_command(commands)
+    add_report_commands(commands)
     return parser
 
 
@@ -287,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list" and args.name and "=" in args.name:  # not a name: an override
         extra = [args.name, *extra]
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
-    if stray or (extra and args.command in ("list", "token")):
+    if stray or (extra and args.command in ("list", "token", "report", "compare")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -301,7 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers=[_console_handler(console)],
     )
     handlers: dict[str, Any] = {"run": _run, "validate": _validate, "list": _list,
-                                "server": _server, "client": _client, "token": _token}
+                                "server": _server, "client": _client, "token": _token,
+                                "sweep": sweep_command, "report": report_command,
+                                "compare": compare_command}
     try:
         code = handlers[args.command](args, Console())
     except BaseException as exc:  # every way out is mapped by exceptions.exit_code

@@ -81,7 +81,35 @@ class DataConfig(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     num_clients: int = Field(10, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_set: Literal["auto", "official", "split"] = "auto"
+    """The global test set: ``official``, the dataset's own test set (``mnist``'s 10,000 test
+    images; the training images alone are partitioned); ``split``, a stratified
+    ``test_fraction`` of all the dataset's samples pooled; ``auto``, ``official`` for a dataset
+    that has one, else ``split``."""
+    local_test_fraction: float = Field(0.0, ge=0, lt=1)
+    """The share of every client's data held out as its local test set (stratified per class
+    where the client has enough samples of it), on which each client's personal model is
+    evaluated every ``eval_every`` rounds (0: no personal evaluation)."""
     partition: PartitionSection = Field(default_factory=PartitionSection)
+
+
+class SecureAggregationConfig(_Strict):
+    """``runtime.secure_aggregation`` (gRPC only): the server learns only the sum of each
+    round's updates (Bonawitz et al., CCS 2017; ``oiafed.secagg``)."""
+
+    threshold: int | None = Field(None, ge=2)
+    """The fewest clients that must survive every step of a round, else the round fails
+    (default: a majority of the round's clients, at least 2): a round of n clients survives
+    n - threshold dropouts, and the server with fewer than threshold clients learns only
+    the sum."""
+    precision_bits: int = Field(24, ge=1, le=48)
+    """Fraction bits of the fixed-point updates: the mean is exact to 2**-(bits+1)."""
+    bound: float = Field(4.0, gt=0, le=2.0**20)
+    """Each coordinate of a client's update (its weights minus the global ones) is clipped
+    to [-bound, bound] before it is encoded."""
+    step_timeout: float | None = Field(None, gt=0)
+    """Seconds each step waits for the round's clients before it goes on without the
+    missing ones (default: the round's deadline, trainer.args.round_timeout)."""
 
 
 class RuntimeConfig(_Strict):
@@ -121,6 +149,8 @@ class RuntimeConfig(_Strict):
     visible GPUs round-robin when it is ``cuda`` (or ``auto`` on a CUDA machine)."""
     resident: bool = False
     """Keep the clients' cached data on the learners' device between rounds."""
+    secure_aggregation: SecureAggregationConfig | None = None
+    """grpc: aggregate each round's updates securely (``SecureAggregationConfig``)."""
 
     @field_validator("device")
     @classmethod
@@ -146,6 +176,9 @@ class ExperimentConfig(_Strict):
     attack: Component | None = None
     """A simulated Byzantine attack (``attack.*`` registry names): which clients it controls
     (``args.fraction`` or ``args.clients``) and what they send."""
+    privacy: Component | None = None
+    """Differential privacy (``privacy.*`` registry names): ``central`` (user-level DP-FedAvg
+    on the server) or ``local`` (sample-level DP-SGD on the clients), with their arguments."""
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     device: str = "auto"
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
@@ -155,6 +188,8 @@ class ExperimentConfig(_Strict):
     autocast and a gradient scaler)."""
     deterministic: bool = False
     """Deterministic algorithms only, in every process that trains (``device.py``)."""
+    report: bool = False
+    """Write the run's report (plots and ``report.html``, ``oiafed report``) when it ends."""
 
     @field_validator("device")
     @classmethod
@@ -179,6 +214,8 @@ class ExperimentConfig(_Strict):
         found += [("callback", f"callbacks[{i}]", cb) for i, cb in enumerate(self.callbacks)]
         if self.attack is not None:
             found.append(("attack", "attack", self.attack))
+        if self.privacy is not None:
+            found.append(("privacy", "privacy", self.privacy))
         return found
 
     def to_yaml(self) -> str:
@@ -318,6 +355,16 @@ def check_components(cfg: ExperimentConfig, folder: str | Path | None = None) ->
     for kind, path, section in cfg.sections():
         target = registry.get(kind, section.type, path=f"{path}.type")
         registry.validate_args(target, section.args, f"{path}.args", INJECTED_ARGS.get(kind, set()))
+    checked = [("privacy", cfg.privacy)] if cfg.privacy is not None else []
+    checked += [("callback", section) for section in cfg.callbacks]
+    for kind, section in checked:  # components that refuse configs they cannot serve
+        check = getattr(registry.get(kind, section.type), "check_config", None)
+        if check is not None:
+            check(cfg)
+    if cfg.runtime.secure_aggregation is not None:
+        from oiafed.secagg.checks import check_config
+
+        check_config(cfg)
 
 
 def pair_halves(cfg: ExperimentConfig) -> None:

@@ -7,6 +7,7 @@ CLI's exit codes (0 success, 2 bad input, 1 failure, 130 interrupted).
     ├── InputError                 bad input from the user: exit 2
     │   ├── ConfigError
     │   │   └── RegistryError
+    │   ├── NotARunFolder
     │   └── RefusedError
     ├── CallbackError
     ├── ClientTrainingError
@@ -67,6 +68,18 @@ class RegistryError(ConfigError):
         super().__init__(message, path=path)
 
 
+class NotARunFolder(InputError):
+    """A folder given as a run folder (``oiafed report``, ``compare``) holds no run.
+
+    Attributes:
+        folder: the folder named.
+    """
+
+    def __init__(self, folder: str, why: str) -> None:
+        self.folder = folder
+        super().__init__(f"{folder} is not a run folder ({why})")
+
+
 class RefusedError(InputError):
     """The server refused this client (token, client id, model, TLS): retrying cannot help."""
 
@@ -104,6 +117,16 @@ class ClientTrainingError(OiafedError):
 
 class RoundFailed(OiafedError):
     """A round ended with fewer usable updates than the quorum (``min_clients``)."""
+
+
+class SecureAggregationFailed(RoundFailed):
+    """A secure-aggregation round lost so many clients that fewer than its threshold remain
+    (``runtime.secure_aggregation.threshold``): the sum cannot be unmasked."""
+
+
+class SecureAggregationError(OiafedError):
+    """A secure-aggregation message is malformed, out of order, replayed or fails
+    authentication (a tampered share); the client that sent it is left out of the round."""
 
 
 class SelectionError(OiafedError):

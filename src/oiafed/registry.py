@@ -27,7 +27,7 @@ from oiafed.exceptions import ConfigError, RegistryError
 logger = logging.getLogger(__name__)
 
 KINDS = ("callback", "aggregator", "learner", "trainer", "model", "dataset", "partitioner",
-         "attack")
+         "attack", "privacy")
 _BUILTIN_MODULES = (
     "oiafed.callbacks",
     "oiafed.core.aggregators",
@@ -38,6 +38,7 @@ _BUILTIN_MODULES = (
     "oiafed.data.partition",
     "oiafed.algorithms",
     "oiafed.attacks",
+    "oiafed.privacy",
 )
 
 _by_name: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from oiafed import registry
 from oiafed.callbacks.base import CallbackManager, overrides
+from oiafed.callbacks.report import report_at_end
 from oiafed.config import ExperimentConfig, fill_defaults, load_config
 from oiafed.core.client_states import ClientStates
 from oiafed.core.trainer import Trainer
@@ -79,6 +80,9 @@ class Experiment:
         trainer.local_epochs = learner.epochs
         attack = (registry.build("attack", cfg.attack.model_dump(), "attack")
                   if cfg.attack is not None else None)
+        if cfg.privacy is not None:
+            trainer.privacy = registry.build("privacy", cfg.privacy.model_dump(), "privacy")
+            trainer.privacy.check_model(model, cfg.model.type)
         trainer.bind(
             model=model,
             aggregator=registry.build("aggregator", cfg.aggregator.model_dump(), "aggregator"),
@@ -183,6 +187,8 @@ def run(
     folder.device = record(experiment.config, trainer.device)
     trainer.recorder = folder
     trainer.run_dir = folder.path
+    if experiment.config.report:
+        folder.at_end.append(report_at_end)
     first_round = trainer.round_num
     earlier = folder.wall_time() if resume is not None else 0.0
     folder.start_log()
@@ -204,6 +210,7 @@ def run(
         folder.close()
     folder.collect_client_states(trainer)
     folder.write_summary(result)
+    folder.run_at_end()
     return result
 
 
@@ -224,6 +231,7 @@ def _end_failed(folder: RunFolder, trainer: Trainer, exc: BaseException,
     if result.rounds_completed == 0 and folder.new and not folder.has_state() and folder.discard():
         return  # a failed start leaves no folder that blocks --run-dir
     folder.write_summary(result)
+    folder.run_at_end()
     if folder.has_state():
         logger.warning("the run %s after round %d; its state is saved in %s: continue it "
                        "with --resume %s", "was interrupted" if interrupted else "failed",
@@ -297,7 +305,7 @@ RESUMABLE_CHANGES = (
                                      "join_timeout", "hello_timeout", "max_streams",
                                      "max_task_bytes", "num_cpus_per_client",
                                      "num_gpus_per_client", "device", "resident")),
-    "device", "deterministic",
+    "device", "deterministic", "report",
 )
 """Config keys a resumed run may change (``fnmatch`` patterns; list items by index): none of
 them changes what the rounds already trained mean."""

@@ -9,6 +9,7 @@ import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +28,7 @@ CLIENT_STATES = "client_state"
 """The folder of the algorithm's per-client state versions (``core.client_states``)."""
 RUN_LOG = "run.log"
 _ROUND_PREFIX = re.compile(rb'\{"round": (\d+)[,}]')
+logger = logging.getLogger(__name__)
 
 
 def _json_default(value: Any) -> Any:
@@ -104,6 +106,9 @@ class RunFolder:
         self._log: RunLog | None = None
         self.new = False  # made by ``create`` for a new run (not a resumed one)
         self._made_dir = False  # the folder did not exist before (``discard`` removes it)
+        self.at_end: list[Callable[[Path], object]] = []
+        """Called with the folder once the run has ended and ``summary.json`` is written
+        (``run_at_end``): the report of ``report: true`` or the ``report`` callback."""
 
     @classmethod
     def open(cls, run_dir: str | Path) -> RunFolder:
@@ -318,6 +323,16 @@ class RunFolder:
         if keep < file.stat().st_size:
             with open(file, "r+b") as handle:
                 handle.truncate(keep)
+
+    def run_at_end(self) -> None:
+        """Call each ``at_end`` action; one that raises is logged (the run's outcome and
+        files stay as they are)."""
+        for action in self.at_end:
+            try:
+                action(self.path)
+            except Exception:
+                logger.exception("%s failed for the run folder %s",
+                                 getattr(action, "__name__", action), self.path)
 
     def write_summary(self, result: TrainResult) -> None:
         best = result.best()

@@ -22,6 +22,12 @@ GLOBAL = 6
 new run seeds before it starts (``seed_global_generators``)."""
 STRAGGLERS = 7
 ATTACK = 8
+LOCAL_TEST = 9
+"""Each client's local test split (``data.local_test_fraction``)."""
+PERSONAL = 10
+"""Personal evaluation: which clients are evaluated, and their fine-tuning's data order."""
+PRIVACY = 11
+"""Differential privacy's noise: the server's (central, per round) and each client's DP-SGD."""
 
 
 _MASK = (1 << 64) - 1

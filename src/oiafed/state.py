@@ -105,6 +105,9 @@ class TrainerState(_Schema):
     stop_reason: StrictStr | None
     fit_config: dict[StrictStr, JsonValue]
     history: list[dict[StrictStr, Any]] | None
+    privacy: dict[StrictStr, JsonValue] = Field(default_factory=dict)
+    """The ``privacy:`` section's state (central: the adaptive clip; local: the clients'
+    accounting histories); empty without one (and in states saved before it existed)."""
 
 
 class RngState(_Schema):

@@ -6,7 +6,9 @@ from oiafed.callbacks.early_stopping import EarlyStoppingCallback
 from oiafed.callbacks.lr_scheduler import LRSchedulerCallback
 from oiafed.callbacks.model_checkpoint import ModelCheckpointCallback
 from oiafed.callbacks.print_progress import PrintProgressCallback
+from oiafed.callbacks.privacy_budget import PrivacyBudgetCallback
 from oiafed.callbacks.progress import ProgressCallback
+from oiafed.callbacks.report import ReportCallback
 from oiafed.callbacks.tensorboard import TensorBoardCallback
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "LRSchedulerCallback",
     "ModelCheckpointCallback",
     "PrintProgressCallback",
+    "PrivacyBudgetCallback",
     "ProgressCallback",
+    "ReportCallback",
     "TensorBoardCallback",
 ]

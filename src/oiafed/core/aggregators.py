@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from oiafed.core.types import ClientUpdate, RoundContext, RoundPlan, Weights
 from oiafed.exceptions import OiafedError
@@ -81,8 +82,18 @@ class Aggregator(ABC):
         """Refuse arguments this federation cannot honour (``ConfigError`` naming the key);
         called once, before the first round."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse arguments this model cannot honour (a head it has no submodule of:
+        ``ConfigError`` naming the key) and note what the algorithm needs of it; called once,
+        before the first round."""
+
     def configure_round(self, global_weights: Weights) -> RoundPlan:
         """The extras this round's clients get (default: none)."""
+        return RoundPlan()
+
+    def evaluation_plan(self, global_weights: Weights) -> RoundPlan:
+        """What the clients of a personal evaluation (``context.sampled``) get beside the
+        global weights to build their personal models (default: none: the global model)."""
         return RoundPlan()
 
     def update_problem(self, update: ClientUpdate, global_weights: Weights) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from oiafed.callbacks.base import CallbackManager
 from oiafed.client_state import ClientStateStore
+from oiafed.core.evaluation import evaluate
 from oiafed.core.types import JSON, ClientUpdate, Tensors, Weights
 from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
@@ -18,11 +19,17 @@ from oiafed.device import CPU, autocast, check_precision
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
+if TYPE_CHECKING:
+    from oiafed.privacy.base import PrivateTraining
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 EPOCHS = "epochs"
 """A value the trainer sends a straggler: its local epochs this round."""
 LABEL_FLIP = "label_flip"
 """A value the trainer sends a client of a ``label_flip`` attack: train on flipped labels."""
+TASK, EVALUATE = "task", "evaluate"
+"""A round value: ``{TASK: EVALUATE}`` asks each client for its personal model's metrics on
+its local test set (``Learner.evaluate_personal``) instead of an update."""
 
 
 def _overrides(learner: Learner, hook: str) -> bool:
@@ -131,6 +138,8 @@ class Learner:
         self._global_on_device: Weights | None = None
         self._custom_step = False
         self._pre_step: Callable[[], None] | None = None
+        self.private_training: PrivateTraining | None = None
+        """Sample-level DP (``privacy.type: local``): its epochs replace ``train_epoch``'s."""
 
     def place(self, device: torch.device, precision: str = "32") -> None:
         """Train on ``device`` in ``precision`` (``32``, ``bf16``, ``16-mixed``): the model
@@ -219,6 +228,8 @@ class Learner:
         self._pre_step = (self.before_optimizer_step
                           if _overrides(self, "before_optimizer_step") else None)
         self.begin_fit()
+        if self.private_training is not None:
+            self.private_training.begin(self, seed, len(data))
         hooks = self.callbacks
         for epoch in range(1, epochs + 1):
             if hooks.implements("on_epoch_start"):
@@ -235,6 +246,8 @@ class Learner:
                            for k, v in self.model.state_dict().items()}
         update = ClientUpdate(client_id, len(data), dict(metrics), new_weights)
         self.end_fit(update)
+        if self.private_training is not None:
+            self.private_training.end(self, update)
         return update
 
     # -- the client half's hooks (an algorithm's learner overrides what it needs) -------------
@@ -266,8 +279,49 @@ class Learner:
         """After the last epoch: add the algorithm's extras to ``update`` (its
         ``extra_tensors``/``extra_values``); ``steps`` holds the optimizer steps taken."""
 
+    def personalize(self, data: ArrayDataset, generator: torch.Generator) -> None:
+        """Make the model this client's personal model before it is evaluated on its local
+        test set: the model holds the global weights, ``extra_tensors``/``extra_values`` what
+        the server half sent for the evaluation, the optimizer is new; ``data`` is the
+        client's training data. Default: the global model as it is (FedAvg)."""
+
+    async def evaluate_personal(self, client_id: str, weights: Weights, data: ArrayDataset,
+                                test: ArrayDataset, *, round_num: int, seed: int,
+                                config: dict[str, Any] | None = None,
+                                tensors: Tensors | None = None,
+                                values: dict[str, JSON] | None = None) -> ClientUpdate:
+        """Client ``client_id``'s personal model (``personalize`` from ``weights``) evaluated
+        on ``test``: an update of no weights whose ``num_samples`` is ``len(test)`` and whose
+        metrics are the test ``accuracy`` and ``loss``."""
+        model = self._require_model()
+        self.client_id, self.round_num = client_id, round_num
+        self.extra_tensors = tensors if tensors is not None else {}
+        self.extra_values = values if values is not None else {}
+        self.steps = 0
+        self._global_source, self._global_on_device = weights, None
+        load_weights(model, weights)
+        self.round_lr = float((config or {}).get("lr", self.lr))
+        self.optimizer = self.make_optimizer(self.round_lr)
+        self._custom_step = _overrides(self, "training_step")
+        self._pre_step = (self.before_optimizer_step
+                          if _overrides(self, "before_optimizer_step") else None)
+        generator = torch.Generator().manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        if data.x.device != self.device:
+            data = ArrayDataset(data.x.to(self.device), data.y.to(self.device), data.num_classes)
+        # Fine-tuning for an evaluation trains a model that never leaves the client: no DP.
+        private, self.private_training = self.private_training, None
+        try:
+            self.personalize(data, generator)
+        finally:
+            self.private_training = private
+        metrics = evaluate(model, test, device=self.device)
+        return ClientUpdate(client_id, len(test), metrics, {})
+
     def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
         """One pass over ``data`` in shuffled minibatches; mean loss and accuracy."""
+        if self.private_training is not None:
+            return self.private_training.train_epoch(self, data, generator)
         model, optimizer, size = self._require_model(), self.optimizer, self.batch_size
         if optimizer is None:
             raise RuntimeError("train_epoch() runs inside fit(), which makes the optimizer")

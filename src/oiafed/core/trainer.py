@@ -19,7 +19,13 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.core.aggregators import Aggregator
 from oiafed.core.client_states import ClientStates
 from oiafed.core.evaluation import evaluate
-from oiafed.core.learner import EPOCHS
+from oiafed.core.learner import EPOCHS, EVALUATE, TASK
+from oiafed.core.personal_eval import (
+    EVALUATION_ROUND,
+    answer_problem,
+    evaluation_clients,
+    personal_metrics,
+)
 from oiafed.core.types import (
     ClientFailure,
     ClientTask,
@@ -28,6 +34,7 @@ from oiafed.core.types import (
     RoundContext,
     RoundResult,
     RoundTask,
+    SecureSum,
     TrainResult,
     Weights,
 )
@@ -42,10 +49,11 @@ from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import ClientIds, id_set
 from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
+from oiafed.privacy.base import Privacy
 from oiafed.registry import register
 from oiafed.runtime.base import RunEnd, RunSpec, Runtime
 from oiafed.runtime.envelope import json_problem
-from oiafed.seeding import ATTACK, SAMPLING, STRAGGLERS, TRAIN, derive_seed, rng
+from oiafed.seeding import ATTACK, PERSONAL, SAMPLING, STRAGGLERS, TRAIN, derive_seed, rng
 
 if TYPE_CHECKING:
     from oiafed.config import ExperimentConfig
@@ -79,6 +87,11 @@ def client_row(round_num: int, outcome: Outcome, problem: str | None) -> dict[st
     return row
 
 
+def _clients_in(update: ClientUpdate) -> int:
+    """How many clients' updates ``update`` holds (a ``SecureSum``: its members)."""
+    return len(update.members) if isinstance(update, SecureSum) else 1
+
+
 def _last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else "no update"
@@ -101,7 +114,8 @@ class Trainer:
     ``client_ids``, ``config`` (the ``ExperimentConfig``), ``history`` and ``run_dir``
     (the run folder, where relative paths of callbacks resolve; None outside ``run``), and
     ``device``: where the global model lives, is evaluated and aggregated (the config's
-    ``device``; the clients' updates are moved there before aggregation).
+    ``device``; the clients' updates are moved there before aggregation), and ``privacy``:
+    the ``privacy:`` section's server side (``epsilon_after(rounds)``), or None.
 
     Args:
         rounds: number of rounds.
@@ -120,6 +134,9 @@ class Trainer:
             the round's global model than this many times the median distance of the round's
             updates is a bad update, left out (None: no bound). It bounds absurd updates only:
             robust aggregators are the defence against subtler ones.
+        personal_eval_clients: with local test sets (``data.local_test_fraction``), how many
+            clients evaluate their personal models on every evaluated round: a sample drawn
+            once from the seed (None: all; set it for large federations).
 
     YAML:
         trainer:
@@ -137,6 +154,7 @@ class Trainer:
         round_timeout: float | None = None,
         straggler_fraction: float = 0.0,
         max_update_norm_ratio: float | None = 1000.0,
+        personal_eval_clients: int | None = None,
     ) -> None:
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
@@ -166,11 +184,22 @@ class Trainer:
         self.round_timeout = round_timeout
         self.straggler_fraction = straggler_fraction
         self.max_update_norm_ratio = max_update_norm_ratio
+        if personal_eval_clients is not None and personal_eval_clients < 1:
+            raise ConfigError(f"must be >= 1 (or null: all clients), got {personal_eval_clients}",
+                              "trainer.args.personal_eval_clients")
+        self.personal_eval_clients = personal_eval_clients
+        self.personal_evaluation = False
+        """Whether evaluated rounds evaluate personal models (``bind``: the clients have
+        local test sets)."""
+        self.personal_scores: dict[str, dict[str, float]] = {}
+        """The last personal evaluation: client id -> ``accuracy``, ``loss``, ``num_samples``."""
         self.local_epochs = 1
         """E for stragglers: the learner's ``epochs`` (``run`` sets it)."""
         self.client_states = ClientStates()
         """The per-client state of the algorithm's server half (resumable in a run folder)."""
         self.attack: Attack | None = None
+        self.privacy: Privacy | None = None
+        """The ``privacy:`` section's server side (set before ``bind``)."""
         self.attacked: frozenset[str] = frozenset()
         """The clients the ``attack`` controls (fixed for the run)."""
         self.round_num = 0
@@ -249,6 +278,14 @@ class Trainer:
         self._client_size = client_size
         self._first_counts = {}
         aggregator.check_federation(len(client_ids), self.num_sampled)
+        if self.privacy is not None:
+            self.privacy.bind(len(client_ids), self.num_sampled, seed)
+            if self.privacy.uniform_sampling and self.max_update_norm_ratio is not None:
+                logger.info("central privacy: the update-norm filter (max_update_norm_ratio) "
+                            "is off; clipping bounds every update")
+                self.max_update_norm_ratio = None
+        aggregator.check_model(model)
+        self.personal_evaluation = config is not None and config.data.local_test_fraction > 0
         self._warn_clamped()
         return self
 
@@ -390,6 +427,8 @@ class Trainer:
         outcomes = await runtime.train(task, clients, deadline)
         for client_id in runtime.take_joins():
             await self.callbacks.on_client_join(self, client_id)
+        if self.privacy is not None:
+            self.privacy.observe(round_num, outcomes)
         updates = await self.accept(round_num, outcomes, global_weights)
         if attacked:
             self._apply_attack(round_num, updates, attacked, global_weights)
@@ -400,7 +439,9 @@ class Trainer:
                 update.extra_tensors = {k: v.to(self.device, non_blocking=True)
                                         for k, v in update.extra_tensors.items()}
         await self.callbacks.on_aggregate_start(self, updates)
-        weights = aggregator.aggregate(updates, global_weights)
+        weights = aggregator.aggregate(
+            updates if self.privacy is None
+            else self.privacy.prepare(round_num, updates, global_weights), global_weights)
         await self.callbacks.on_aggregate_end(self, weights)
         if not model_is_finite(weights):  # never loaded: the last good round stays (and state)
             problem = nonfinite_problems([weights])[0]
@@ -408,6 +449,10 @@ class Trainer:
                               f"({problem}); it was not loaded")
         load_weights(self.model, weights)
         metrics = self.round_metrics(round_num, updates, started)
+        if self.personal_evaluation and (round_num % self.eval_every == 0
+                                         or round_num == self.rounds):
+            metrics.update(await self.evaluate_personal(round_num))
+            metrics["round_time"] = time.perf_counter() - started
         result = RoundResult(round_num, metrics, updates)
         await self.callbacks.on_round_end(self, round_num, result)
         row = {"round": round_num, **result.metrics}
@@ -418,6 +463,36 @@ class Trainer:
         else:
             self.client_states.collect(round_num)
         return result
+
+    async def evaluate_personal(self, round_num: int) -> dict[str, float]:
+        """Every evaluated client's personal model (``aggregator.evaluation_plan``, built by
+        its learner where its data lives) on its local test set; the round's ``personal_*``
+        metrics (``core/personal_eval.py``). A client that fails is logged and left out."""
+        aggregator, runtime = self._bound()
+        clients = evaluation_clients(self.client_ids, self.personal_eval_clients, self.seed)
+        weights = self.model.state_dict()
+        aggregator.context = RoundContext(round_num, tuple(clients), len(self.client_ids),
+                                          self.client_states, fit_config=dict(self.fit_config),
+                                          parameter_names=self._parameter_names())
+        plan = aggregator.evaluation_plan(weights)
+        task = RoundTask(EVALUATION_ROUND + round_num, weights, dict(self.fit_config),
+                         plan.tensors, {**plan.values, TASK: EVALUATE})
+        tasks = [ClientTask(cid, derive_seed(self.seed, PERSONAL, round_num, self._index_of(cid)),
+                            plan.client_tensors.get(cid, {}), plan.client_values.get(cid, {}))
+                 for cid in clients]
+        deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
+        outcomes = await runtime.train(task, tasks, deadline)
+        self.personal_scores = {}
+        for outcome in outcomes:
+            problem = answer_problem(outcome)
+            if problem is not None or not isinstance(outcome, ClientUpdate):
+                logger.warning("round %d: personal evaluation left out %s: %s", round_num,
+                               outcome.client_id, _last_line(problem or "no answer"))
+                continue
+            self.personal_scores[outcome.client_id] = {
+                "accuracy": outcome.metrics["accuracy"], "loss": outcome.metrics["loss"],
+                "num_samples": outcome.num_samples}
+        return personal_metrics(self.personal_scores)
 
     def _parameter_names(self) -> tuple[str, ...]:
         if self._parameters is None:
@@ -456,6 +531,8 @@ class Trainer:
         if self.test_data is not None and (round_num % self.eval_every == 0
                                            or round_num == self.rounds):
             metrics.update(evaluate(self.model, self.test_data, device=self.device))
+        if self.privacy is not None:
+            metrics.update(self.privacy.round_metrics(round_num))
         metrics["round_time"] = time.perf_counter() - started
         return metrics
 
@@ -469,6 +546,9 @@ class Trainer:
         non-finite values, or farther from ``reference`` than ``max_update_norm_ratio``
         allows.
 
+        A ``SecureSum`` (secure aggregation) counts as its members; its members' sample
+        counts cannot be checked one by one (the server never sees them).
+
         Raises:
             RoundFailed: when fewer than ``min_clients`` usable updates remain.
         """
@@ -477,7 +557,7 @@ class Trainer:
         problems: list[str | None] = [
             outcome.error if isinstance(outcome, ClientFailure)
             else (update_problem(outcome, reference) or extras_check(outcome, reference)
-                  or self._count_problem(outcome))
+                  or (None if isinstance(outcome, SecureSum) else self._count_problem(outcome)))
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]
@@ -487,9 +567,12 @@ class Trainer:
         for i, problem in zip(well_formed, found, strict=True):
             problems[i] = problem
         if self.recorder is not None:
-            self.recorder.record_clients([client_row(round_num, outcome, problem)
-                                          for outcome, problem in zip(outcomes, problems,
-                                                                      strict=True)])
+            self.recorder.record_clients([
+                row for outcome, problem in zip(outcomes, problems, strict=True)
+                for row in (  # a secure sum: the server knows only who took part
+                    [{"round": round_num, "client_id": cid} for cid in outcome.members]
+                    if isinstance(outcome, SecureSum) and problem is None
+                    else [client_row(round_num, outcome, problem)])])
         accepted, rejected = [], []
         for outcome, problem in zip(outcomes, problems, strict=True):
             if problem is None and isinstance(outcome, ClientUpdate):
@@ -508,9 +591,10 @@ class Trainer:
             logger.warning("round %d: left out %s: %s%s", round_num, outcome.client_id, last,
                            detail)
             await self.callbacks.on_client_failure(self, outcome.client_id, problem)
-        if len(accepted) < self.min_clients:
+        usable = sum(_clients_in(u) for u in accepted)
+        if usable < self.min_clients:
             raise RoundFailed(
-                f"round {round_num}: {len(accepted)} usable client update(s), fewer than "
+                f"round {round_num}: {usable} usable client update(s), fewer than "
                 f"min_clients={self.min_clients} ({'; '.join(rejected) or 'no client answered'})"
             )
         return accepted
@@ -541,6 +625,9 @@ class Trainer:
         """
         weights, self.client_selection_weights = self.client_selection_weights, None
         k = self.num_sampled
+        if weights is not None and self.privacy is not None and self.privacy.uniform_sampling:
+            raise SelectionError("client_selection_weights cannot steer the selection under "
+                                 "privacy.type central: its accountant assumes uniform sampling")
         if weights is not None:
             ids, probs = self._selection_probabilities(weights)
             gen = rng(self.seed, SAMPLING, round_num)
@@ -579,7 +666,8 @@ class Trainer:
     def train_metrics(updates: list[ClientUpdate]) -> dict[str, float]:
         """Sample-weighted local ``train_accuracy``/``train_loss``, client and sample counts."""
         total = sum(u.num_samples for u in updates)
-        metrics: dict[str, float] = {"num_clients": len(updates), "num_samples": total}
+        metrics: dict[str, float] = {"num_clients": sum(map(_clients_in, updates)),
+                                     "num_samples": total}
         for name in ("accuracy", "loss"):
             weighted = [(u.metrics.get(name, math.nan), u.num_samples)
                         for u in updates if u.num_samples]
@@ -607,6 +695,7 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "fit_config": dict(self.fit_config),
             "history": [dict(row) for row in self.history] if include_history else None,
+            "privacy": self.privacy.state_dict() if self.privacy is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -630,6 +719,8 @@ class Trainer:
         self.stopped_by = state["stopped_by"]
         self.stop_reason = state["stop_reason"]
         self.fit_config = dict(state["fit_config"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.get("privacy", {}))
         if state["history"] is not None:
             self.history = [dict(row) for row in state["history"]]
 

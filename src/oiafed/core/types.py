@@ -82,6 +82,20 @@ class ClientUpdate:
 
 
 @dataclass
+class SecureSum(ClientUpdate):
+    """A secure-aggregation round's unmasked result (``runtime.secure_aggregation``): the
+    weighted mean of its ``members``' updates, the only update the server ever sees.
+
+    ``weights`` is that mean, ``num_samples`` the members' total and ``metrics`` their
+    sample-weighted training ``accuracy`` and ``loss``. A runtime returns it after the
+    ``ClientFailure`` of each sampled client that dropped out; an aggregator given it alone
+    returns ``weights`` as FedAvg would the members' updates.
+    """
+
+    members: tuple[str, ...] = ()
+
+
+@dataclass
 class ClientFailure:
     """A sampled client that gave no update this round (raised, died, hung, disconnected).
 
@@ -111,7 +125,10 @@ class RoundResult:
         round_num: the round number, starting at 1.
         metrics: global-test ``accuracy`` and ``loss`` (on evaluated rounds), sample-weighted
             ``train_accuracy`` and ``train_loss``, ``num_clients``, ``num_samples`` and
-            ``round_time`` (seconds). Callbacks may add entries; they are recorded.
+            ``round_time`` (seconds); with local test sets (``data.local_test_fraction``), on
+            evaluated rounds, ``personal_accuracy``, ``personal_loss`` and the clients' spread
+            (``personal_accuracy_min``, ``_p10``, ``_median``, ``personal_clients``). Callbacks
+            may add entries; they are recorded.
         updates: the clients' updates of this round.
     """
 

@@ -39,3 +39,18 @@ class ArrayDataset:
 
     def label_counts(self) -> list[int]:
         return torch.bincount(self.y, minlength=self.num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class TrainTest:
+    """A dataset that comes with an official test set: its training pool (partitioned among
+    the clients) and its test set (the global test set), kept apart unless
+    ``data.test_set: split`` pools them."""
+
+    train: ArrayDataset
+    test: ArrayDataset
+
+    def pooled(self) -> ArrayDataset:
+        """Training and test sets in one pool (training samples first)."""
+        return ArrayDataset(torch.cat([self.train.x, self.test.x]),
+                            torch.cat([self.train.y, self.test.y]), self.train.num_classes)

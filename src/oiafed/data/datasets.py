@@ -1,6 +1,7 @@
-"""Built-in datasets. ``digits`` and ``mnist`` return the whole labelled pool as an
-``ArrayDataset`` (oiafed splits off the global test set and partitions the rest among
-clients); ``synthetic`` is a ``FederatedSource`` that generates each client's data on demand."""
+"""Built-in datasets. ``digits`` returns the whole labelled pool as an ``ArrayDataset``
+(oiafed splits off the global test set and partitions the rest among clients); ``mnist``
+returns its official training and test sets as a ``TrainTest``; ``synthetic`` is a
+``FederatedSource`` that generates each client's data on demand."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from oiafed.data.arrays import ArrayDataset
+from oiafed.data.arrays import ArrayDataset, TrainTest
 from oiafed.data.leaf import LeafSynthetic
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
@@ -107,21 +109,38 @@ def _find(root: Path, stem: str) -> Path:
 
 
 @register("dataset.mnist")
-def mnist(seed: int, root: str, split: str = "all") -> ArrayDataset:
+def mnist(seed: int, root: str, split: str = "official") -> ArrayDataset | TrainTest:
     """MNIST (or Fashion-MNIST) from the four IDX files in a local folder; never downloads.
 
     Args:
         root: folder holding ``train-images-idx3-ubyte[.gz]`` and the three other files.
-        split: ``train``, ``test`` or ``all`` (both pooled; oiafed makes its own test split).
+        split: ``official`` (default): the training images (partitioned among the clients)
+            and the test images (the global test set; ``data.test_set: split`` pools them);
+            ``train``, ``test`` or ``all`` (both pooled): one pool that oiafed splits itself.
+
+    YAML:
+        data:
+          type: mnist
+          num_clients: 100
+          args: {root: data/mnist}
     """
-    if split not in ("train", "test", "all"):
-        raise ConfigError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    splits = ("official", "train", "test", "all")
+    if split not in splits:
+        raise ConfigError(f"split must be one of {', '.join(splits)}; got {split!r}",
+                          "data.args.split")
     folder = Path(root).expanduser()
-    prefixes = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
-    images = [_read_idx(_find(folder, f"{p}-images-idx3-ubyte")) for p in prefixes]
-    labels = [_read_idx(_find(folder, f"{p}-labels-idx1-ubyte")) for p in prefixes]
-    for prefix, x_part, y_part in zip(prefixes, images, labels, strict=True):
-        if len(x_part) != len(y_part):
-            raise ConfigError(f"{folder}: {prefix} has {len(x_part)} images but {len(y_part)} labels")
-    x = np.concatenate(images).astype(np.float32)[:, None, :, :] / 255.0
-    return ArrayDataset.from_numpy(x, np.concatenate(labels), num_classes=10)
+    if split == "official":
+        return TrainTest(_mnist_part(folder, "train"), _mnist_part(folder, "t10k"))
+    parts = [_mnist_part(folder, p) for p in {"train": ["train"], "test": ["t10k"],
+                                               "all": ["train", "t10k"]}[split]]
+    return ArrayDataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), 10)
+
+
+def _mnist_part(folder: Path, prefix: str) -> ArrayDataset:
+    """The images and labels of one of MNIST's parts (``train`` or ``t10k``), scaled to [0, 1]."""
+    images = _read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+        raise ConfigError(f"{folder}: {prefix} has {len(images)} images but {len(labels)} labels")
+    x = images.astype(np.float32)[:, None, :, :] / 255.0
+    return ArrayDataset.from_numpy(x, labels, num_classes=10)

@@ -4,7 +4,10 @@ A dataset component returns either
 
 * a pooled ``ArrayDataset``: oiafed splits off the global test set (``data.test_fraction``,
   stratified) and partitions the rest among ``data.num_clients`` clients with
-  ``data.partition`` (a ``FederatedData``); or
+  ``data.partition`` (a ``FederatedData``);
+* a ``TrainTest`` pair, for a dataset with an official test set (``mnist``): that set is the
+  global test set and the training set alone is partitioned (``data.test_set: split`` pools
+  both and splits as above); or
 * a ``FederatedSource`` of its own, which gives each client its data on demand (``synthetic``
   does): nothing is held per client, so a federation of 100,000 clients costs what its
   sampled clients cost. Such a dataset declares ``num_clients`` (and ``test_fraction``) among
@@ -23,9 +26,10 @@ from typing import Any, overload
 import numpy as np
 
 from oiafed import registry
-from oiafed.data.arrays import ArrayDataset
+from oiafed.data.arrays import ArrayDataset, TrainTest
+from oiafed.data.local_test import split_local_tests
 from oiafed.exceptions import ConfigError
-from oiafed.seeding import PARTITION, derive_seed, rng
+from oiafed.seeding import LOCAL_TEST, PARTITION, derive_seed, rng
 
 PREFIX = "client_"
 MAX_CLIENTS = 2**53
@@ -146,6 +150,17 @@ class FederatedSource(ABC):
         source that knows sizes cheaply overrides it (called per sampled client per round)."""
         return len(self.client_data(cid))
 
+    def client_test_data(self, cid: str) -> ArrayDataset:
+        """Client ``cid``'s local test set (``data.local_test_fraction``), on which its
+        personal model is evaluated.
+
+        Raises:
+            ConfigError: naming ``data.local_test_fraction`` where clients have none.
+        """
+        raise ConfigError(f"{type(self).__name__} holds no local test sets: set "
+                          "data.local_test_fraction > 0 (a pooled dataset)",
+                          "data.local_test_fraction")
+
     @abstractmethod
     def report(self) -> dict[str, Any]:
         """What ``partition.json`` records: sizes and label histograms, as far as they are cheap."""
@@ -157,12 +172,16 @@ class FederatedData(FederatedSource):
     Attributes:
         train: the training pool the partitions index into.
         parts: one sorted index array into ``train`` per client.
+        local_tests: one sorted index array into ``train`` per client: its local test set,
+            apart from its part (None: clients have none).
     """
 
-    def __init__(self, train: ArrayDataset, test: ArrayDataset, parts: list[np.ndarray]) -> None:
+    def __init__(self, train: ArrayDataset, test: ArrayDataset, parts: list[np.ndarray],
+                 local_tests: list[np.ndarray] | None = None) -> None:
         self.train = train
         self.test = test
         self.parts = parts
+        self.local_tests = local_tests
         self.client_ids = ClientIds(len(parts))
         self.num_classes = train.num_classes
         self.input_shape = train.input_shape
@@ -178,6 +197,11 @@ class FederatedData(FederatedSource):
 
     def client_size(self, cid: str) -> int:
         return len(self.parts[self.index_of(cid)])
+
+    def client_test_data(self, cid: str) -> ArrayDataset:
+        if self.local_tests is None:
+            return super().client_test_data(cid)
+        return self.train.subset(self.local_tests[self.index_of(cid)])
 
     def report(self) -> dict[str, Any]:
         """Per-client sample counts and label histograms, and the test split's histogram."""
@@ -230,11 +254,12 @@ def build_federated_data(data_cfg: Any, seed: int) -> FederatedSource:
                            **injected)
     if isinstance(built, FederatedSource):
         return _check_source(built, data_cfg)
-    if isinstance(built, ArrayDataset):
+    if isinstance(built, ArrayDataset | TrainTest):
         return _split_pool(built, data_cfg, seed)
     raise ConfigError(
         f"dataset {data_cfg.type!r} returned {type(built).__name__}; a dataset returns an "
-        "ArrayDataset (pooled) or a FederatedSource (per-client data)", "data.type")
+        "ArrayDataset (pooled), a TrainTest (official test set) or a FederatedSource "
+        "(per-client data)", "data.type")
 
 
 def _check_source(source: FederatedSource, data_cfg: Any) -> FederatedSource:
@@ -242,6 +267,13 @@ def _check_source(source: FederatedSource, data_cfg: Any) -> FederatedSource:
         raise ConfigError(
             f"dataset {data_cfg.type!r} gives every client its own data, so it takes no "
             "partition; remove data.partition", "data.partition")
+    if data_cfg.local_test_fraction > 0:
+        raise ConfigError(f"dataset {data_cfg.type!r} gives every client its own data; local "
+                          "test sets are split from a pooled dataset's partitions: remove "
+                          "data.local_test_fraction", "data.local_test_fraction")
+    if data_cfg.test_set == "official":
+        raise ConfigError(f"dataset {data_cfg.type!r} makes its own test set, it has no official "
+                          "one; remove data.test_set", "data.test_set")
     if source.num_clients != data_cfg.num_clients:
         raise ConfigError(f"dataset {data_cfg.type!r} has {source.num_clients} clients but "
                           f"data.num_clients is {data_cfg.num_clients}", "data.num_clients")
@@ -250,21 +282,9 @@ def _check_source(source: FederatedSource, data_cfg: Any) -> FederatedSource:
     return source
 
 
-def _split_pool(pool: ArrayDataset, data_cfg: Any, seed: int) -> FederatedData:
-    """Split off the stratified test set and partition the rest among the clients."""
-    from sklearn.model_selection import train_test_split  # heavy: imported on first use
-
-    labels = pool.y.numpy()
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    try:
-        train_idx, test_idx = train_test_split(
-            np.arange(len(pool)), test_size=data_cfg.test_fraction, stratify=stratify,
-            random_state=derive_seed(seed, PARTITION) % (2**32),
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc), "data.test_fraction") from exc
-    train, test = pool.subset(np.sort(train_idx)), pool.subset(np.sort(test_idx))
+def _split_pool(pool: ArrayDataset | TrainTest, data_cfg: Any, seed: int) -> FederatedData:
+    """Take the global test set (``data.test_set``) and partition the rest among the clients."""
+    train, test = _test_split(pool, data_cfg, seed)
     if data_cfg.num_clients > len(train):
         raise ConfigError(
             f"{data_cfg.num_clients} clients but only {len(train)} training samples",
@@ -278,7 +298,37 @@ def _split_pool(pool: ArrayDataset, data_cfg: Any, seed: int) -> FederatedData:
             raise
         raise ConfigError(str(exc), "data.partition.args") from exc
     _check_partition(parts, len(train), data_cfg.num_clients)
-    return FederatedData(train, test, parts)
+    local_tests = None
+    if data_cfg.local_test_fraction > 0:
+        parts, local_tests = split_local_tests(parts, train.y.numpy(),
+                                               data_cfg.local_test_fraction, rng(seed, LOCAL_TEST))
+    return FederatedData(train, test, parts, local_tests)
+
+
+def _test_split(pool: ArrayDataset | TrainTest, data_cfg: Any,
+                seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """(training pool, global test set): the dataset's official test set, or a stratified
+    ``data.test_fraction`` of all its samples pooled."""
+    if isinstance(pool, TrainTest):
+        if data_cfg.test_set != "split":
+            return pool.train, pool.test
+        pool = pool.pooled()
+    elif data_cfg.test_set == "official":
+        raise ConfigError(f"dataset {data_cfg.type!r} has no official test set; use "
+                          "data.test_set: split (or auto)", "data.test_set")
+    from sklearn.model_selection import train_test_split  # heavy: imported on first use
+
+    labels = pool.y.numpy()
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    try:
+        train_idx, test_idx = train_test_split(
+            np.arange(len(pool)), test_size=data_cfg.test_fraction, stratify=stratify,
+            random_state=derive_seed(seed, PARTITION) % (2**32),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc), "data.test_fraction") from exc
+    return pool.subset(np.sort(train_idx)), pool.subset(np.sort(test_idx))
 
 
 def _check_partition(parts: list[np.ndarray], num_samples: int, num_clients: int) -> None:

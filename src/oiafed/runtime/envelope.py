@@ -23,8 +23,9 @@ from oiafed.core.types import JSON, ClientTask, ClientUpdate, RoundTask, Tensors
 from oiafed.exceptions import WireError
 from oiafed.runtime.tensors import Payload, decode_payload
 
-PROTOCOL = 3
-"""The message (and gRPC wire) protocol version; a peer of another version is refused."""
+PROTOCOL = 4
+"""The message (and gRPC wire) protocol version; a peer of another version is refused
+(4: secure aggregation's ``SecAgg`` messages and ``masked`` inputs)."""
 
 HEADER_KEY = "oiafed"
 MAX_METRICS = 1000

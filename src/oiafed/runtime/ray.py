@@ -175,7 +175,7 @@ class RayRuntime(Runtime):
             pythonpath = ProcessSetup.here().pythonpath()
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
         if address:
-            _probe(address)
+            probe(address)
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                      **kwargs)
@@ -290,16 +290,17 @@ class RayRuntime(Runtime):
             await asyncio.to_thread(ray.shutdown)
 
 
-def _probe(address: str, timeout: float = 10.0) -> None:
+def probe(address: str, key: str = "runtime.address", timeout: float = 10.0) -> None:
     """Fail fast when ``HOST:PORT`` does not accept connections (``ray.init`` would retry
-    for minutes). ``auto`` and addresses without a port are left to Ray."""
+    for minutes); the error names the option ``key``. ``auto`` and addresses without a port
+    are left to Ray."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise WorkerError(f"cannot reach the Ray cluster at {address!r} (runtime.address): "
+        raise WorkerError(f"cannot reach the Ray cluster at {address!r} ({key}): "
                           f"{exc}") from exc
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from oiafed import registry
 from oiafed.callbacks.base import CallbackManager
 from oiafed.config import ExperimentConfig
-from oiafed.core.learner import Learner
+from oiafed.core.learner import EVALUATE, TASK, Learner
 from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
@@ -156,6 +156,9 @@ class ClientWorker:
             callbacks = CallbackManager(build_callbacks(cfg), strict=cfg.strict)
         learner = registry.build("learner", cfg.learner.model_dump(), "learner")
         learner.setup(model, callbacks)
+        if cfg.privacy is not None:
+            privacy = registry.build("privacy", cfg.privacy.model_dump(), "privacy")
+            learner.private_training = privacy.client_training()
         place = getattr(learner, "place", None)
         if place is not None:
             place(where, cfg.precision)
@@ -191,6 +194,8 @@ class ClientWorker:
         started = time.perf_counter()
         extras = {"tensors": {**task.extra_tensors, **client.extra_tensors},
                   "values": {**task.extra_values, **client.extra_values}}
+        if extras and extras["values"].get(TASK) == EVALUATE:
+            return await self.evaluate(task, client, extras)
         if not (extras["tensors"] or extras["values"]):
             extras = {}  # a user's learner without the keywords still trains FedAvg
         update = await self.learner.fit(
@@ -198,6 +203,24 @@ class ClientWorker:
             round_num=task.round_num, seed=client.seed, config=task.config, **extras,
         )
         update.metrics.setdefault("time", time.perf_counter() - started)
+        return update
+
+    async def evaluate(self, task: RoundTask, client: ClientTask,
+                       extras: dict[str, Any]) -> ClientUpdate:
+        """``client``'s personal model evaluated on its local test set (``task`` is an
+        evaluation round): an update of metrics only."""
+        if self.data is None:
+            raise ConfigError("personal evaluation needs the federation's local test sets "
+                              "(data.local_test_fraction); --local-data clients have none",
+                              "data.local_test_fraction")
+        evaluate_personal = getattr(self.learner, "evaluate_personal", None)
+        if evaluate_personal is None:
+            raise ConfigError(f"{type(self.learner).__name__} has no evaluate_personal() (from "
+                              "oiafed's Learner) for personal evaluation", "learner.type")
+        cid = client.client_id
+        update: ClientUpdate = await evaluate_personal(
+            cid, task.weights, self.client_data(cid), self.data.client_test_data(cid),
+            round_num=task.round_num, seed=client.seed, config=task.config, **extras)
         return update
 
     def execute(self, round_data: bytes | bytearray | memoryview,

@@ -24,6 +24,7 @@ from oiafed.exceptions import ConfigError, DeploymentError
 from oiafed.runtime.grpc.auth import ClientSecurity, ServerSecurity
 from oiafed.runtime.grpc.loopback import LOOPBACK_MAX_CLIENTS, LoopbackRuntime
 from oiafed.runtime.grpc.runtime import GrpcRuntime
+from oiafed.runtime.grpc.secure import SecureSettings
 
 __all__ = ["ClientSecurity", "DeploymentError", "GrpcRuntime", "LoopbackRuntime",
            "ServerSecurity", "create", "use_security"]
@@ -56,12 +57,16 @@ def create(cfg: ExperimentConfig) -> GrpcRuntime:
                           "federation", "runtime.min_join")
     if runtime.address:
         security = _SECURITY.get() or ServerSecurity.from_options()
-        return GrpcRuntime(runtime.address, security, min_join=runtime.min_join,
-                           join_timeout=runtime.join_timeout, hello_timeout=runtime.hello_timeout,
-                           max_streams=runtime.max_streams)
+        server = GrpcRuntime(runtime.address, security, min_join=runtime.min_join,
+                             join_timeout=runtime.join_timeout,
+                             hello_timeout=runtime.hello_timeout, max_streams=runtime.max_streams)
+        server.secure = SecureSettings.from_config(cfg)
+        return server
     if num_clients > LOOPBACK_MAX_CLIENTS:
         raise ConfigError(
             f"a loopback gRPC deployment starts one process per client; {num_clients} clients "
             f"is more than {LOOPBACK_MAX_CLIENTS}: use runtime.mode parallel or ray, or set "
             "runtime.address and start the clients yourself", "runtime.mode")
-    return LoopbackRuntime(cfg)
+    loopback = LoopbackRuntime(cfg)
+    loopback.secure = SecureSettings.from_config(cfg)
+    return loopback

@@ -29,14 +29,21 @@ import grpc
 import torch
 
 from oiafed.config import ExperimentConfig
-from oiafed.exceptions import InputError, RefusedError, ServerUnreachable, WireError
-from oiafed.runtime.envelope import PROTOCOL
+from oiafed.exceptions import (
+    InputError,
+    RefusedError,
+    SecureAggregationError,
+    ServerUnreachable,
+    WireError,
+)
+from oiafed.runtime.envelope import PROTOCOL, decode_round, decode_update
 from oiafed.runtime.grpc.auth import ClientSecurity
 from oiafed.runtime.grpc.diagnose import tls_mistake
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
+from oiafed.runtime.grpc.secure_client import SecureTask, update_messages
 from oiafed.runtime.grpc.wire import CLIENT_OPTIONS, model_digest, parse_address
-from oiafed.runtime.tensors import CHUNK_SIZE, Assembler
+from oiafed.runtime.tensors import Assembler
 from oiafed.runtime.worker import ClientWorker, TaskReply
 
 logger = logging.getLogger(__name__)
@@ -188,24 +195,27 @@ class FederationClient:
                outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> Finished:
         task: pb.TrainTask | None = None
         assembler: Assembler | None = None
+        secure: SecureTask | None = None
         for message in call:
             kind = message.WhichOneof("kind")
             if kind == "task":
-                task, assembler = message.task, None
+                task, assembler, secure = message.task, None, None
                 if task.size > self.max_task_bytes:  # answered before anything is allocated
                     self._refuse(task, outbox)
                     task = None  # its chunks are skipped
                     continue
                 assembler = Assembler(task.size, self.max_task_bytes)
                 if assembler.add(task.data):
-                    self._answer(task, assembler, outbox)
+                    secure = self._answer(task, assembler, outbox)
                     task = assembler = None
             elif kind == "chunk":
                 if task is None or assembler is None or message.chunk.task_id != task.task_id:
                     continue
                 if assembler.add(message.chunk.data):
-                    self._answer(task, assembler, outbox)
+                    secure = self._answer(task, assembler, outbox)
                     task = assembler = None
+            elif kind == "secagg":
+                secure = self._secure_step(secure, message.secagg, outbox)
             elif kind == "finish":
                 outbox.put(None)  # half-close: the server sees the end of our stream
                 for _ in call:
@@ -221,8 +231,30 @@ class FederationClient:
         logger.error("round %d: %s", task.round, reason)
         outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id, traceback=reason)))
 
+    def _secure_step(self, secure: SecureTask | None, message: pb.SecAgg,
+                     outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> SecureTask | None:
+        """Answer a step of secure aggregation; the task that goes on (None once it ends)."""
+        if secure is None:
+            logger.warning("a secure-aggregation message of round %d with no secure task: "
+                           "dropped", message.round)
+            return None
+        try:
+            replies = secure.answer(message)
+        except SecureAggregationError as exc:
+            logger.error("round %d: secure aggregation: %s", secure.round_num, exc)
+            if message.task_id != secure.task_id:
+                return secure  # a stale message does not end the task in progress
+            outbox.put(pb.ClientMessage(error=pb.TaskError(
+                task_id=secure.task_id, traceback=f"secure aggregation: {exc}")))
+            return None
+        for reply in replies:
+            outbox.put(reply)
+        return None if secure.finished else secure
+
     def _answer(self, task: pb.TrainTask, assembler: Assembler,
-                outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> None:
+                outbox: queue.SimpleQueue[pb.ClientMessage | None]) -> SecureTask | None:
+        """Train ``task`` and send its update, or, for a secure task, start secure
+        aggregation (its state returned)."""
         payload = memoryview(assembler.buffer)
         if task.round_size > len(payload):
             raise WireError(f"a task of {len(payload)} bytes says its round part has "
@@ -233,14 +265,16 @@ class FederationClient:
             logger.error("round %d: training failed:\n%s", task.round, reply.traceback)
             outbox.put(pb.ClientMessage(error=pb.TaskError(task_id=task.task_id,
                                                            traceback=reply.traceback)))
-            return
-        pieces = reply.update.pieces(CHUNK_SIZE)
-        single = len(pieces) == 1
-        outbox.put(pb.ClientMessage(update=pb.UpdateHeader(
-            task_id=task.task_id, size=reply.update.size, data=pieces[0] if single else b"")))
-        if not single:
-            for piece in pieces:
-                outbox.put(pb.ClientMessage(chunk=pb.Chunk(task_id=task.task_id, data=piece)))
+            return None
+        if task.secure:
+            secure = SecureTask(task, self.client_id, decode_update(reply.update.to_bytes()),
+                                decode_round(payload[:task.round_size]).weights)
+            for message in secure.start():
+                outbox.put(message)
+            return secure
+        for message in update_messages(task.task_id, reply.update):
+            outbox.put(message)
+        return None
 
 
 def build_worker(cfg: ExperimentConfig, client_id: str, *, local_data: bool = False

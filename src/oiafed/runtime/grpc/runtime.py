@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Container, Sequence
 
 import grpc
 
+from oiafed.core.learner import EVALUATE, TASK
 from oiafed.core.types import ClientTask, Outcome, RoundTask
 from oiafed.data.federated import id_set
 from oiafed.exceptions import DeploymentError, InputError
@@ -26,6 +28,7 @@ from oiafed.runtime.envelope import encode_client, pack_round
 from oiafed.runtime.grpc.auth import ServerSecurity
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
 from oiafed.runtime.grpc.proto import oiafed_pb2_grpc as pb_grpc
+from oiafed.runtime.grpc.secure import SecureSettings, secure_train
 from oiafed.runtime.grpc.service import FederationService, Reply
 from oiafed.runtime.grpc.wire import SERVER_OPTIONS, is_loopback, model_digest, parse_address
 from oiafed.runtime.tensors import CHUNK_SIZE
@@ -66,6 +69,10 @@ class GrpcRuntime(Runtime):
         self._client_set: Container[str] = frozenset()
         self._digest = ""
         self._next_task = 0
+        self.secure: SecureSettings | None = None
+        """Secure aggregation's settings (``runtime.secure_aggregation``; None: off)."""
+        self.session_id = secrets.token_bytes(16)
+        """This run's random id, in every secure-aggregation key derivation."""
 
     @property
     def sessions(self) -> dict[str, object]:
@@ -101,6 +108,9 @@ class GrpcRuntime(Runtime):
 
     async def train(self, task: RoundTask, clients: Sequence[ClientTask],
                     deadline: float | None) -> list[Outcome]:
+        if self.secure is not None and task.extra_values.get(TASK) != EVALUATE:
+            # a personal evaluation returns metrics, no update to sum: sent as it is
+            return await secure_train(self, self.secure, task, clients, deadline)
         service = self._service()
         ledger = RoundLedger(task.round_num, [c.client_id for c in clients], deadline,
                              round_timeout=self.spec.round_timeout, strict=self.spec.strict)
@@ -143,10 +153,12 @@ class GrpcRuntime(Runtime):
 
     async def _train_one(self, ledger: RoundLedger, task_id: int, round_size: int,
                          small: bytes | None, shared: list[pb.ServerMessage],
-                         client: ClientTask, wait_join: bool) -> Reply | None:
+                         client: ClientTask, wait_join: bool, masked_size: int = 0
+                         ) -> Reply | None:
         """Send ``client`` its task: in one message when it fits, else the round's part
         (``small``, or the chunks ``shared`` by the round's clients) and its own in chunks.
-        Its ``Reply``, or None when the deadline came first."""
+        Its ``Reply``, or None when the deadline came first. ``masked_size``: the bytes of a
+        secure task's masked input (0: not secure)."""
         service = self._service()
         cid = client.client_id
         if cid not in service.sessions and wait_join:
@@ -154,7 +166,7 @@ class GrpcRuntime(Runtime):
         client_data = encode_client(client)
         size = round_size + len(client_data)
         header = pb.TrainTask(task_id=task_id, round=ledger.round_num,
-                              round_size=round_size, size=size)
+                              round_size=round_size, size=size, secure=masked_size > 0)
         if small is not None and size <= CHUNK_SIZE:  # one message
             header.data = small + client_data
             messages = [pb.ServerMessage(task=header)]
@@ -164,7 +176,8 @@ class GrpcRuntime(Runtime):
             messages += [pb.ServerMessage(chunk=pb.Chunk(task_id=task_id, data=piece))
                          for piece in [*pieces, *cut(client_data)]]
         # An update holds about what a task holds: anything much larger is not one.
-        future = service.assign(cid, task_id, ledger.round_num, 2 * size + (1 << 20), messages)
+        future = service.assign(cid, task_id, ledger.round_num,
+                                max(2 * size, masked_size) + (1 << 20), messages)
         try:
             return await asyncio.wait_for(asyncio.shield(future), ledger.remaining())
         except TimeoutError:

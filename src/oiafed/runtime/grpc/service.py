@@ -35,6 +35,9 @@ from oiafed.runtime.tensors import Assembler
 
 logger = logging.getLogger(__name__)
 
+INBOX = 8
+"""The most secure-aggregation messages a session holds unread (a round has 3 per client)."""
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -45,6 +48,15 @@ class Reply:
     traceback: str = ""
     failure: str = ""
     kind: str = ""
+
+
+@dataclass
+class Traffic:
+    """The bytes of the (serialized) messages the service sent to and received from clients
+    since it started, Hellos and Welcomes included; gRPC's own framing is not counted."""
+
+    sent: int = 0
+    received: int = 0
 
 
 class _Task:
@@ -65,19 +77,24 @@ class _Task:
 class Session:
     """One connected client process: its ``Connect`` call and the task it is working on."""
 
-    def __init__(self, client_id: str, context: grpc.aio.ServicerContext, pid: int) -> None:
+    def __init__(self, client_id: str, context: grpc.aio.ServicerContext, pid: int,
+                 traffic: Traffic | None = None) -> None:
         self.client_id = client_id
+        self.traffic = traffic or Traffic()
         self.context = context
         self.peer = context.peer()
         self.pid = pid
         self.task: _Task | None = None
         self.ended = asyncio.Event()
+        self.inbox: asyncio.Queue[pb.SecAgg] = asyncio.Queue(INBOX)
+        """Secure-aggregation messages, for the runtime to read (``runtime.secure``)."""
         self._write_lock = asyncio.Lock()
 
     async def send(self, messages: Collection[pb.ServerMessage]) -> None:
         """Write ``messages`` in order (one sender at a time; a task's chunks stay together)."""
         async with self._write_lock:
             for message in messages:
+                self.traffic.sent += message.ByteSize()
                 await self.context.write(message)
 
     def fail(self, reason: str, kind: str) -> None:
@@ -112,6 +129,8 @@ class FederationService(pb_grpc.FederationServicer):
         """Clients that joined (or rejoined), in order, until the runtime takes them."""
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
+        self.traffic = Traffic()
+        """Bytes sent and received so far (all sessions)."""
 
     # -- what the runtime calls ------------------------------------------------------------
 
@@ -190,7 +209,9 @@ class FederationService(pb_grpc.FederationServicer):
                                    shown(hello.client_id), context.peer(), message)
             await context.abort(code, message)
         # Registered with no await since _refusal: two Hellos for one id cannot both pass it.
-        session = self.sessions[hello.client_id] = Session(hello.client_id, context, hello.pid)
+        session = self.sessions[hello.client_id] = Session(hello.client_id, context, hello.pid,
+                                                           self.traffic)
+        self.traffic.received += first.ByteSize()
         self.joined.append(session.client_id)
         try:
             await session.send([pb.ServerMessage(welcome=pb.Welcome(session_id=secrets.token_hex(8)))])
@@ -200,6 +221,7 @@ class FederationService(pb_grpc.FederationServicer):
                 message = await context.read()
                 if message is grpc.aio.EOF:
                     break
+                self.traffic.received += message.ByteSize()
                 try:
                     self._receive(session, message)
                 except WireError as exc:
@@ -250,6 +272,10 @@ class FederationService(pb_grpc.FederationServicer):
                 raise WireError("an update's bytes sent before its header")
             if task.assembler.add(chunk.data):
                 self._complete(session, task)
+        elif kind == "secagg":
+            if session.inbox.full():
+                raise WireError(f"more than {INBOX} secure-aggregation messages unread")
+            session.inbox.put_nowait(message.secagg)
         elif kind == "error":
             if task is not None and message.error.task_id == task.task_id:
                 session.task = None

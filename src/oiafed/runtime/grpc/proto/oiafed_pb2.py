@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&oiafed/runtime/grpc/proto/oiafed.proto\x12\toiafed.v1\"O\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"\x1d\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\"[\n\tTrainTask\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nround_size\x18\x03 \x01(\x04\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"&\n\x05\x43hunk\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\";\n\x0cUpdateHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"/\n\tTaskError\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x11\n\ttraceback\x18\x02 \x01(\t\"$\n\x06\x46inish\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xaf\x01\n\rClientMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.oiafed.v1.HelloH\x00\x12)\n\x06update\x18\x02 \x01(\x0b\x32\x17.oiafed.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.oiafed.v1.ChunkH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.oiafed.v1.TaskErrorH\x00\x42\x06\n\x04kind\"\xac\x01\n\rServerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.oiafed.v1.WelcomeH\x00\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x14.oiafed.v1.TrainTaskH\x00\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.oiafed.v1.ChunkH\x00\x12#\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x11.oiafed.v1.FinishH\x00\x42\x06\n\x04kind2O\n\nFederation\x12\x41\n\x07\x43onnect\x12\x18.oiafed.v1.ClientMessage\x1a\x18.oiafed.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&oiafed/runtime/grpc/proto/oiafed.proto\x12\toiafed.v1\"O\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\r\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\"\x1d\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\"k\n\tTrainTask\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nround_size\x18\x03 \x01(\x04\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06secure\x18\x06 \x01(\x08\"&\n\x05\x43hunk\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\";\n\x0cUpdateHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"/\n\tTaskError\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\x11\n\ttraceback\x18\x02 \x01(\t\"D\n\x06SecAgg\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"$\n\x06\x46inish\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd4\x01\n\rClientMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.oiafed.v1.HelloH\x00\x12)\n\x06update\x18\x02 \x01(\x0b\x32\x17.oiafed.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.oiafed.v1.ChunkH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.oiafed.v1.TaskErrorH\x00\x12#\n\x06secagg\x18\x05 \x01(\x0b\x32\x11.oiafed.v1.SecAggH\x00\x42\x06\n\x04kind\"\xd1\x01\n\rServerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.oiafed.v1.WelcomeH\x00\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x14.oiafed.v1.TrainTaskH\x00\x12!\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x10.oiafed.v1.ChunkH\x00\x12#\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x11.oiafed.v1.FinishH\x00\x12#\n\x06secagg\x18\x05 \x01(\x0b\x32\x11.oiafed.v1.SecAggH\x00\x42\x06\n\x04kind2O\n\nFederation\x12\x41\n\x07\x43onnect\x12\x18.oiafed.v1.ClientMessage\x1a\x18.oiafed.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_start=134
   _globals['_WELCOME']._serialized_end=163
   _globals['_TRAINTASK']._serialized_start=165
-  _globals['_TRAINTASK']._serialized_end=256
-  _globals['_CHUNK']._serialized_start=258
-  _globals['_CHUNK']._serialized_end=296
-  _globals['_UPDATEHEADER']._serialized_start=298
-  _globals['_UPDATEHEADER']._serialized_end=357
-  _globals['_TASKERROR']._serialized_start=359
-  _globals['_TASKERROR']._serialized_end=406
-  _globals['_FINISH']._serialized_start=408
-  _globals['_FINISH']._serialized_end=444
-  _globals['_CLIENTMESSAGE']._serialized_start=447
-  _globals['_CLIENTMESSAGE']._serialized_end=622
-  _globals['_SERVERMESSAGE']._serialized_start=625
-  _globals['_SERVERMESSAGE']._serialized_end=797
-  _globals['_FEDERATION']._serialized_start=799
-  _globals['_FEDERATION']._serialized_end=878
+  _globals['_TRAINTASK']._serialized_end=272
+  _globals['_CHUNK']._serialized_start=274
+  _globals['_CHUNK']._serialized_end=312
+  _globals['_UPDATEHEADER']._serialized_start=314
+  _globals['_UPDATEHEADER']._serialized_end=373
+  _globals['_TASKERROR']._serialized_start=375
+  _globals['_TASKERROR']._serialized_end=422
+  _globals['_SECAGG']._serialized_start=424
+  _globals['_SECAGG']._serialized_end=492
+  _globals['_FINISH']._serialized_start=494
+  _globals['_FINISH']._serialized_end=530
+  _globals['_CLIENTMESSAGE']._serialized_start=533
+  _globals['_CLIENTMESSAGE']._serialized_end=745
+  _globals['_SERVERMESSAGE']._serialized_start=748
+  _globals['_SERVERMESSAGE']._serialized_end=957
+  _globals['_FEDERATION']._serialized_start=959
+  _globals['_FEDERATION']._serialized_end=1038
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,68 @@
+"""Personal evaluation: which clients evaluate their personal models on their local test sets,
+and the round metrics their answers make (``personal_accuracy`` and its spread).
+
+The trainer sends the evaluation as a round of its own (``{TASK: EVALUATE}`` in its values)
+through the runtime, so it runs wherever the clients' data lives, in every runtime. Its
+envelope carries round ``EVALUATION_ROUND + r``: runtimes that keep a round's envelope by its
+number never mistake it for round ``r``'s training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from oiafed.core.types import ClientUpdate, Outcome
+from oiafed.seeding import PERSONAL, rng
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_ROUND = 10**9
+"""Added to the round number of an evaluation's envelope."""
+
+
+def evaluation_clients(client_ids: Sequence[str], count: int | None, seed: int) -> list[str]:
+    """The clients every personal evaluation of the run asks: all of them, or ``count`` drawn
+    once from the seed (the same ones each time, in index order). O(count) for a small share
+    of a large federation."""
+    total = len(client_ids)
+    if count is None or count >= total:
+        return list(client_ids)
+    picked = rng(seed, PERSONAL).choice(total, size=count, replace=False)
+    return [client_ids[int(i)] for i in sorted(picked)]
+
+
+def answer_problem(outcome: Outcome) -> str | None:
+    """Why ``outcome`` is no usable personal evaluation (None: it is): a failure, or an
+    answer with test samples but no ``accuracy`` in [0, 1] or no finite ``loss``."""
+    if not isinstance(outcome, ClientUpdate):
+        return outcome.error
+    accuracy, loss = outcome.metrics.get("accuracy"), outcome.metrics.get("loss")
+    if outcome.num_samples == 0:
+        return None
+    if accuracy is None or not 0 <= accuracy <= 1 or loss is None or not math.isfinite(loss):
+        return f"accuracy {accuracy!r} and loss {loss!r} are not an evaluation's"
+    return None
+
+
+def personal_metrics(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The round metrics of one evaluation's ``scores`` (client id -> ``accuracy``, ``loss``,
+    ``num_samples``): sample-weighted ``personal_accuracy`` and ``personal_loss``, the
+    clients' ``personal_accuracy_min``, ``_p10`` and ``_median``, and ``personal_clients``
+    (clients with a local test set, each counted once)."""
+    rows = [row for row in scores.values() if row["num_samples"] > 0]
+    total = sum(row["num_samples"] for row in rows)
+    if not rows:
+        return {"personal_clients": 0}
+    accuracies = np.array([row["accuracy"] for row in rows])
+    return {
+        "personal_accuracy": sum(r["accuracy"] * r["num_samples"] for r in rows) / total,
+        "personal_loss": sum(r["loss"] * r["num_samples"] for r in rows) / total,
+        "personal_accuracy_min": float(accuracies.min()),
+        "personal_accuracy_p10": float(np.percentile(accuracies, 10)),
+        "personal_accuracy_median": float(np.median(accuracies)),
+        "personal_clients": len(rows),
+    }

@@ -1,0 +1,2 @@
+"""Reports on run folders: read them (``runs``), plot them (``plots``), write a
+self-contained ``report.html`` (``html``), compare several (``compare``)."""
