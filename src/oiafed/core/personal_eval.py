@@ -2,9 +2,8 @@
 and the round metrics their answers make (``personal_accuracy`` and its spread).
 
 The trainer sends the evaluation as a round of its own (``{TASK: EVALUATE}`` in its values)
-through the runtime, so it runs wherever the clients' data lives, in every runtime. Its
-envelope carries round ``EVALUATION_ROUND + r``: runtimes that keep a round's envelope by its
-number never mistake it for round ``r``'s training.
+through the runtime, so it runs wherever the clients' data lives, in every runtime (which
+tell a round's evaluation from its training by the ``train`` call, not the round number).
 """
 
 from __future__ import annotations
@@ -19,10 +18,6 @@ from oiafed.core.types import ClientUpdate, Outcome
 from oiafed.seeding import PERSONAL, rng
 
 logger = logging.getLogger(__name__)
-
-EVALUATION_ROUND = 10**9
-"""Added to the round number of an evaluation's envelope."""
-
 
 def evaluation_clients(client_ids: Sequence[str], count: int | None, seed: int) -> list[str]:
     """The clients every personal evaluation of the run asks: all of them, or ``count`` drawn

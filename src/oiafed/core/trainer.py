@@ -20,12 +20,7 @@ from oiafed.core.aggregators import Aggregator
 from oiafed.core.client_states import ClientStates
 from oiafed.core.evaluation import evaluate
 from oiafed.core.learner import EPOCHS, EVALUATE, TASK
-from oiafed.core.personal_eval import (
-    EVALUATION_ROUND,
-    answer_problem,
-    evaluation_clients,
-    personal_metrics,
-)
+from oiafed.core.personal_eval import answer_problem, evaluation_clients, personal_metrics
 from oiafed.core.types import (
     ClientFailure,
     ClientTask,
@@ -475,7 +470,7 @@ class Trainer:
                                           self.client_states, fit_config=dict(self.fit_config),
                                           parameter_names=self._parameter_names())
         plan = aggregator.evaluation_plan(weights)
-        task = RoundTask(EVALUATION_ROUND + round_num, weights, dict(self.fit_config),
+        task = RoundTask(round_num, weights, dict(self.fit_config),
                          plan.tensors, {**plan.values, TASK: EVALUATE})
         tasks = [ClientTask(cid, derive_seed(self.seed, PERSONAL, round_num, self._index_of(cid)),
                             plan.client_tensors.get(cid, {}), plan.client_values.get(cid, {}))

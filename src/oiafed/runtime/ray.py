@@ -86,24 +86,25 @@ class ClientActor:
         torch.set_num_threads(threads)
         cfg = ExperimentConfig.model_validate(decode_json(config_json.encode("utf-8")))
         self.worker = ClientWorker.from_config(cfg)
-        self.round_num: int | None = None
+        self.call: int | None = None
         self.round_data = b""
 
     def ready(self) -> int:
         """This actor's process id (once it is built)."""
         return os.getpid()
 
-    def train(self, round_num: int, round_ref: list[Any], client_data: bytes) -> tuple[bytes, str]:
+    def train(self, call: int, round_ref: list[Any], client_data: bytes) -> tuple[bytes, str]:
         """Train the client of ``client_data``: the update's bytes, or b"" and the traceback.
 
         ``round_ref`` is ``[ObjectRef]`` (in a list, so Ray does not fetch it for every
-        client): the round's envelope, fetched on the actor's first client of a round.
+        client): the round's envelope, fetched on the actor's first client of the runtime's
+        ``call``-th ``train`` (a round's personal evaluation shares its round number).
         """
-        if self.round_num != round_num:
+        if self.call != call:
             import ray
 
             self.round_data = ray.get(round_ref[0])
-            self.round_num = round_num
+            self.call = call
         reply = self.worker.execute(self.round_data, client_data)
         return (b"", reply.traceback) if reply.update is None else (reply.update.to_bytes(), "")
 
@@ -136,6 +137,7 @@ class RayRuntime(Runtime):
         self._actor_class: Any = None
         self._config_json = encode_json(cfg.model_dump(mode="json")).decode("utf-8")
         self._spawned = 0
+        self._calls = 0  # train calls so far: actors fetch a call's envelope once
 
     async def start(self, spec: RunSpec) -> None:
         """Connect to (or start) Ray and create the actors; wait until each is built.
@@ -216,6 +218,7 @@ class RayRuntime(Runtime):
                              round_timeout=self.spec.round_timeout, strict=self.spec.strict)
         client_data = {c.client_id: encode_client(c) for c in clients}
         round_ref = await asyncio.to_thread(ray.put, encode_round(task))
+        self._calls += 1
         running: dict[asyncio.Future[Any], _Actor] = {}
         try:
             while not ledger.done:
@@ -225,7 +228,7 @@ class RayRuntime(Runtime):
                     if actor.client is None:
                         actor.client = cid = ledger.take()
                         assert cid is not None
-                        ref = actor.handle.train.remote(task.round_num, [round_ref],
+                        ref = actor.handle.train.remote(self._calls, [round_ref],
                                                         client_data[cid])
                         running[asyncio.wrap_future(ref.future())] = actor
                 remaining = ledger.remaining()

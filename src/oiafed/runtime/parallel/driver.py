@@ -98,7 +98,7 @@ class _Process:
         self.clients: deque[str] = deque()  # assigned, in order; the first is training
         self.revoked: set[str] = set()  # given to another worker; its update may still come
         self.since = 0.0  # when the client at the head of ``clients`` started (monotonic)
-        self.round: int | None = None
+        self.call: int | None = None  # the train call whose round envelope it holds
         conn.send_bytes(init)
         conn.send_bytes(b"")
 
@@ -122,12 +122,14 @@ class _Process:
 
 
 class _Round:
-    """One round as the driver runs it: the ledger, the messages, how long clients took."""
+    """One ``train`` call as the driver runs it: the ledger, the messages, how long clients
+    took. ``key`` tells its messages apart from another call's (a round's personal evaluation
+    shares its round number)."""
 
-    def __init__(self, ledger: RoundLedger, message: bytes, payload: bytes,
+    def __init__(self, ledger: RoundLedger, key: int, message: bytes, payload: bytes,
                  clients: dict[str, bytes]) -> None:
         self.ledger = ledger
-        self.round_num = ledger.round_num
+        self.key = key
         self.message = message
         self.payload = payload
         self.clients = clients  # client id -> its envelope
@@ -156,6 +158,7 @@ class ParallelRuntime(Runtime):
         self._ctx = processes.context()
         self._init: dict[str, Any] = {}
         self._procs: list[_Process] = []
+        self._calls = 0  # train calls so far: each one's messages carry its number
         self._spawned = 0
         self._busy = threading.Lock()
         self._stop = threading.Event()
@@ -192,7 +195,8 @@ class ParallelRuntime(Runtime):
                     deadline: float | None) -> list[Outcome]:
         ledger = RoundLedger(task.round_num, [c.client_id for c in clients], deadline,
                              round_timeout=self.spec.round_timeout, strict=self.spec.strict)
-        work = _Round(ledger, encode_json({"op": "round", "round": task.round_num}),
+        self._calls += 1
+        work = _Round(ledger, self._calls, encode_json({"op": "round", "round": self._calls}),
                       encode_round(task), {c.client_id: encode_client(c) for c in clients})
         return await asyncio.to_thread(self._train, work)
 
@@ -258,9 +262,9 @@ class ParallelRuntime(Runtime):
                 cid = ledger.take()
                 assert cid is not None
                 try:
-                    if proc.round != work.round_num:
+                    if proc.call != work.key:
                         proc.send(work.message, work.payload)
-                        proc.round = work.round_num
+                        proc.call = work.key
                     proc.send(encode_json({"op": "train", "client_id": cid}), work.clients[cid])
                 except OSError:
                     ledger.give_back(cid)  # it never started training: not a try
@@ -287,7 +291,7 @@ class ParallelRuntime(Runtime):
             victim.revoked.add(cid)
             with contextlib.suppress(OSError):  # a dead victim is noticed by the next poll
                 victim.send(encode_json({"op": "revoke", "client_id": cid,
-                                         "round": work.round_num}))
+                                         "round": work.key}))
             work.ledger.give_back(cid)
             self._dispatch(work)
 
@@ -321,7 +325,7 @@ class ParallelRuntime(Runtime):
         cid = header.get("client_id")
         if cid in proc.revoked:  # skipped, or trained before the revoke: counts if awaited
             proc.revoked.discard(cid)
-            if work is None or header.get("round") != work.round_num:
+            if work is None or header.get("round") != work.key:
                 return  # the answer of a revoked copy after its round ended
         elif proc.clients:
             cid = proc.clients.popleft()
@@ -330,7 +334,7 @@ class ParallelRuntime(Runtime):
                 work.trained += 1
                 work.training_time += now - proc.since
             proc.since = now
-        if not isinstance(cid, str) or work is None or header.get("round") != work.round_num:
+        if not isinstance(cid, str) or work is None or header.get("round") != work.key:
             logger.warning("%s sent an unexpected %r message; ignored", proc.name, op)
             return
         if op == "update":
