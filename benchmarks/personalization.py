@@ -10,7 +10,9 @@ personal model evaluated on its local test set at the last round. Two splits: ``
 (pathological: two label-sorted shards per client, McMahan et al.) and ``dirichlet``
 (Dirichlet(0.1) label skew). Methods with their registered defaults: ``fedavg`` (the global
 model), ``finetune`` (1 epoch), ``fedbn``, ``fedper`` and ``fedrep`` (head: the 2NN's output
-layer; FedRep's 10 head epochs), ``ditto`` (lambda 0.1), ``moon`` (mu 1, tau 0.5).
+layer; FedRep's 10 head epochs), ``ditto`` (lambda 0.1), ``moon`` (mu 1, tau 0.5). Evaluation
+protocol: ``finetune`` fine-tunes 1 epoch before evaluating; the others evaluate the personal
+model as stored (FedPer, FedRep: the global body and the client's stored head).
 
 Results: one JSON per cell, ``OUT/<split>/<method>_seed<N>.json`` (config and history),
 written when the cell ends; a cell whose JSON exists is not run again. The table (mean ±

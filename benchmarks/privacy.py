@@ -78,6 +78,8 @@ def run_one(name: str, mnist: Path) -> None:
         result = oiafed.run(config(mnist, privacy), run_dir=Path(folder) / "run")
     last = result.history[-1]
     epsilon = last.get("epsilon", last.get("epsilon_max"))
+    if epsilon == float("inf"):
+        epsilon = "inf"  # JSON has no infinity
     record = {
         "run": name, "privacy": privacy, "rounds": result.rounds_completed,
         "accuracy": last["accuracy"], "epsilon": epsilon, "delta": DELTA if privacy else None,
@@ -103,7 +105,7 @@ def table() -> str:
         record = json.loads(file.read_text())
         z = "-" if privacy is None else f"{privacy['args']['noise_multiplier']:g}"
         eps = record["epsilon"]
-        shown = "-" if eps is None else ("inf" if eps == float("inf") else f"{eps:.3g}")
+        shown = "-" if eps is None else eps if isinstance(eps, str) else f"{eps:.3g}"
         kind = ("FedAvg, no privacy" if privacy is None
                 else "central DP (per client)" if privacy["type"] == "central"
                 else "local DP-SGD (per example, max over clients)")

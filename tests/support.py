@@ -40,7 +40,8 @@ def tiny_config(**sections: Any) -> dict[str, Any]:
 
 def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """History rows without wall-clock fields (which differ between identical runs)."""
-    return [{k: v for k, v in row.items() if k != "round_time"} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("round_time", "personal_eval_time")}
+            for row in history]
 
 
 class RegistrySnapshot:

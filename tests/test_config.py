@@ -164,7 +164,7 @@ def test_unknown_type_far_from_any_name_has_no_suggestion() -> None:
         load_config({"model": {"type": "transformer_xl_9000"}})
     assert info.value.suggestion is None
     assert "Did you mean" not in str(info.value)
-    assert "Known models: cnn, logreg, mlp" in str(info.value)
+    assert "Known models: cnn, fedavg_2nn, fedavg_cnn, logreg, mlp" in str(info.value)
 
 
 # -- overrides ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,16 +16,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import oiafed
 from oiafed import registry
 from oiafed.algorithms.personal import PERSONAL
 from oiafed.callbacks.base import CallbackManager
 from oiafed.core.client_states import ClientStates
 from oiafed.core.learner import Learner
+from oiafed.core.personal_eval import warn_if_costly
 from oiafed.core.types import ClientUpdate, RoundContext, Weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.local_test import split_local_tests
 from oiafed.exceptions import ConfigError
 from oiafed.models import Layers
+from support import tiny_config
 
 LR = 0.1
 HEAD = ("2.weight", "2.bias")
@@ -108,6 +112,32 @@ def test_fedrep_trains_the_head_first_then_the_body_with_that_head():
     assert not torch.equal(expected["0.weight"], start["0.weight"])  # the body moved too
 
 
+def test_fedrep_restores_each_parameters_own_requires_grad():
+    model = tiny_model()
+    model.get_submodule("0").bias.requires_grad_(False)  # frozen by the user: stays frozen
+    glob = weights_of(model)
+    learner = learner_of("fedrep", copy.deepcopy(model))
+    update = fit(learner, glob, {}, {"head_keys": list(HEAD), "head_epochs": 1})
+    flags = {n: p.requires_grad for n, p in learner._require_model().named_parameters()}
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not flags["0.bias"] and torch.equal(update.weights["0.bias"], glob["0.bias"])
+    assert not torch.equal(update.weights["0.weight"], glob["0.weight"])
+
+
+def test_fedrep_evaluates_its_stored_head_on_the_global_body_untrained():
+    model = tiny_model()
+    glob, own = weights_of(model), weights_of(model, 0.5)
+    test = ArrayDataset(tiny_data().x[:5] * 2, tiny_data().y[:5], 3)
+    update = asyncio.run(learner_of("fedrep", copy.deepcopy(model)).evaluate_personal(
+        "client_0", glob, tiny_data(), test, round_num=1, seed=3,
+        tensors={PERSONAL + k: own[k] for k in HEAD},
+        values={"head_keys": list(HEAD), "head_epochs": 5}))
+    reference = copy.deepcopy(model)
+    reference.load_state_dict({**glob, **{k: own[k] for k in HEAD}})
+    logits = reference(test.x)
+    assert update.metrics["loss"] == pytest.approx(F.cross_entropy(logits, test.y).item())
+
+
 def test_fedbn_trains_with_its_own_batch_norm():
     model = tiny_model(norm=True)
     glob, own = weights_of(model), weights_of(model, 0.5)
@@ -131,6 +161,18 @@ def test_ditto_trains_the_global_model_and_a_personal_one_pulled_toward_it():
     expected = {k: (stepped[k] + pull * glob[k]) / (1 + pull) for k in glob}
     personal = {k[len(PERSONAL):]: v for k, v in update.extra_tensors.items()}
     assert_close(personal, expected)
+
+
+def test_a_ditto_stragglers_personal_epochs_are_its_fewer_epochs():
+    model = tiny_model()
+    glob, own = weights_of(model), weights_of(model, 0.5)
+    learner = learner_of("ditto", copy.deepcopy(model))
+    learner.epochs = 3
+    update = fit(learner, glob, {PERSONAL + k: v for k, v in own.items()},
+                 {"lambda": 2.0, "personal_epochs": 3, "epochs": 1})
+    stepped, pull = sgd_step(model, own), LR * 2.0  # one epoch: one full-batch step
+    expected = {k: (stepped[k] + pull * glob[k]) / (1 + pull) for k in glob}
+    assert_close({k[len(PERSONAL):]: v for k, v in update.extra_tensors.items()}, expected)
 
 
 def test_ditto_with_lambda_to_infinity_tracks_the_global_model():
@@ -233,3 +275,26 @@ def test_a_local_test_share_that_leaves_a_client_no_training_data_is_an_error():
     with pytest.raises(ConfigError) as error:
         split_local_tests(parts, labels, 0.9, np.random.default_rng(0))
     assert error.value.path == "data.local_test_fraction" and "client_1" in str(error.value)
+
+
+def local_dp(aggregator: str) -> dict[str, Any]:
+    return tiny_config(aggregator={"type": aggregator}, model={"type": "mlp"}, privacy={
+        "type": "local", "args": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}})
+
+
+def test_local_dp_refuses_a_client_half_that_sends_what_dp_sgd_did_not_train():
+    with pytest.raises(ConfigError) as error:
+        oiafed.validate(local_dp("ditto"))
+    assert error.value.path == "learner.type"
+    assert "privacy.type local" in str(error.value) and "'ditto'" in str(error.value)
+    for allowed in ("fedper", "fednova"):  # only DP-SGD's model, or a step count, is sent
+        oiafed.validate(local_dp(allowed))
+
+
+def test_evaluating_all_of_a_large_federation_warns_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="oiafed.core.personal_eval"):
+        warn_if_costly(1000, 10, 1)
+        warn_if_costly(100, 5, 1)  # a small federation
+        warn_if_costly(1000, 200, 1)  # a round's sample is a large share
+    assert len(caplog.records) == 1
+    assert "trainer.args.personal_eval_clients" in caplog.text and "eval_every" in caplog.text

@@ -10,6 +10,7 @@ import pytest
 
 import oiafed
 from oiafed.algorithms.personal import load_personal
+from oiafed.core import trainer as trainer_module
 from oiafed.core.client_states import ClientStates
 from oiafed.core.evaluation import evaluate
 from oiafed.data.federated import build_federated_data
@@ -33,9 +34,12 @@ def config_of(method: str, rounds: int = 2, **sections: Any) -> dict[str, Any]:
     return tiny_config(**{**defaults, **sections})
 
 
-def test_personal_metrics_count_each_client_once_and_equal_a_direct_evaluation(tmp_path):
-    result = oiafed.run(config_of("ditto"), run_dir=tmp_path / "run")
-    cfg = oiafed.load_config(config_of("ditto"))
+@pytest.mark.parametrize("method", ["ditto", "fedper", "fedrep"])
+def test_personal_metrics_count_each_client_once_and_equal_a_direct_evaluation(tmp_path, method):
+    """Ditto: the stored personal model; FedPer and FedRep: the global body and the stored
+    head, evaluated as they are (no training)."""
+    result = oiafed.run(config_of(method), run_dir=tmp_path / "run")
+    cfg = oiafed.load_config(config_of(method))
     data = build_federated_data(cfg.data, cfg.seed)
     states = ClientStates(tmp_path / "run" / "client_state")
     model = build_model(cfg, data)
@@ -57,6 +61,17 @@ def test_personal_metrics_count_each_client_once_and_equal_a_direct_evaluation(t
     assert last["personal_accuracy_min"] == pytest.approx(min(accuracies))
     assert last["personal_accuracy_p10"] == pytest.approx(np.percentile(accuracies, 10))
     assert last["personal_accuracy_median"] == pytest.approx(np.median(accuracies))
+
+
+def test_evaluating_in_chunks_of_one_client_changes_no_metric(tmp_path, monkeypatch):
+    one_a_round = config_of("ditto", trainer={"args": {"rounds": 2, "clients_per_round": 1}})
+    whole = oiafed.run(one_a_round, run_dir=tmp_path / "whole")
+    monkeypatch.setattr(trainer_module, "EVAL_CHUNK", 1)  # six runtime calls of one client
+    chunked = oiafed.run(one_a_round, run_dir=tmp_path / "chunked")
+    assert without_timing(chunked.history) == without_timing(whole.history)
+    last = chunked.history[-1]
+    assert last["personal_clients"] == 6
+    assert last["personal_eval_time"] > 0 and last["round_time"] > 0
 
 
 def test_fedper_with_an_empty_head_is_fedavg(tmp_path):

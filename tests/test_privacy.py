@@ -3,6 +3,7 @@ against the libraries computed directly and a published value, and the budget ca
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sys
@@ -17,10 +18,21 @@ from opacus.accountants.analysis.rdp import compute_rdp
 from torch import nn
 
 import oiafed
+from oiafed.callbacks.base import CallbackManager
+from oiafed.core.learner import Learner
+from oiafed.core.trainer import Trainer
 from oiafed.core.types import ClientUpdate, SecureSum
-from oiafed.exceptions import ConfigError, RegistryError, SelectionError
-from oiafed.privacy.accounting import local_epsilon
+from oiafed.data.arrays import ArrayDataset
+from oiafed.exceptions import (
+    CallbackError,
+    ConfigError,
+    PrivacyError,
+    RegistryError,
+    SelectionError,
+)
+from oiafed.privacy.accounting import central_epsilon, local_epsilon
 from oiafed.privacy.central import CentralDP, clip_update
+from oiafed.privacy.local import DPSGDTraining, LocalDP
 from oiafed.registry import register
 from support import RegistrySnapshot, assert_same_weights, tiny_config, without_timing
 
@@ -96,7 +108,8 @@ def test_a_secure_sum_of_clipped_updates_is_noised_like_the_updates_themselves()
              for i, d in enumerate(deltas)]
     clipped = [clip_update({"w": d}, 1.0)[0]["w"] for d in deltas]  # as each client does
     secure = SecureSum("sum", 2, {}, {"w": (clipped[0] + clipped[1]) / 2,
-                                      "steps": torch.tensor(2)}, members=("c0", "c1"))
+                                      "steps": torch.tensor(2)}, members=("c0", "c1"),
+                       update_sum={"w": clipped[0].double() + clipped[1].double()})
     expected = bound(CentralDP(noise_multiplier=1.0, clip_norm=1.0), 8, 3).prepare(
         4, clear, global_weights)[0]
     got = bound(CentralDP(noise_multiplier=1.0, clip_norm=1.0), 8, 3).prepare(
@@ -155,6 +168,8 @@ def test_central_epsilon_is_dp_accountings_for_the_trainers_sampling(tmp_path):
     for row in rows:
         assert row["epsilon"] == pytest.approx(
             direct_central_epsilon(4, 2, 0.8, row["round"], 1e-4), rel=1e-12)
+        # the clients' own (unnoised) training metrics are not released with the round
+        assert {"train_loss", "train_accuracy", "num_samples"}.isdisjoint(row)
     assert [row["epsilon"] for row in result.history] == [row["epsilon"] for row in rows]
     assert rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"]
 
@@ -169,6 +184,42 @@ def test_published_value_abadi_et_al_2016_moments_accountant():
     assert round(moments, 2) == 1.26
     ours = local_epsilon([(0.01, 10_000)], noise_multiplier=4.0, target_delta=1e-5)
     assert ours <= moments  # Opacus's conversion (Balle et al. 2020) is never looser
+    assert ours == pytest.approx(1.0355, abs=5e-4)  # Opacus 1.6's orders and conversion
+
+
+def analytic_gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact epsilon at ``delta`` of a Gaussian mechanism whose sensitivity is ``mu``
+    noise stds (Balle and Wang, ICML 2018, Theorem 8:
+    ``delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu)``), by bisection."""
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    low, high = 0.0, 1e3
+    for _ in range(200):
+        eps = (low + high) / 2
+        if phi(mu / 2 - eps / mu) - math.exp(eps) * phi(-mu / 2 - eps / mu) > delta:
+            low = eps
+        else:
+            high = eps
+    return high
+
+
+def test_central_epsilon_sampling_everyone_is_a_gaussian_of_sensitivity_2c():
+    """q = 1: every round is the Gaussian mechanism on the clipped sum, noise z C, which
+    swapping one client moves by up to 2 C; T rounds are one Gaussian of ``mu = sqrt(T) 2 / z``
+    noise stds. RDP's epsilon lies between the exact one and Mironov's conversion of the
+    Gaussian's RDP ``T alpha (2C)^2 / (2 (zC)^2)`` (Mironov 2017, Proposition 3)."""
+    z, rounds, delta = 1.5, 20, 1e-5
+    ours = central_epsilon(num_clients=5, num_sampled=5, noise_multiplier=z, rounds=rounds,
+                           target_delta=delta)
+    plain = rdp_privacy_accountant.RdpAccountant()
+    plain.compose(dp_accounting.GaussianDpEvent(z / 2), rounds)
+    assert ours == pytest.approx(plain.get_epsilon(delta), rel=1e-9)
+    exact = analytic_gaussian_epsilon(math.sqrt(rounds) * 2 / z, delta)
+    mironov = min(rounds * 2 * alpha / z ** 2 + math.log(1 / delta) / (alpha - 1)
+                  for alpha in np.linspace(1.01, 100, 10_000))
+    assert exact < ours < mironov
+    assert ours == pytest.approx(exact, rel=0.1)
 
 
 def test_local_epsilon_is_opacus_accountants_for_the_clients_history():
@@ -321,3 +372,131 @@ def test_without_the_privacy_extra_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)
     with pytest.raises(ConfigError, match=r"pip install oiafed\[privacy\]"):
         oiafed.validate(tiny_config(privacy=local()))
+
+
+# -- randomness, what is sent, resume --------------------------------------------------------
+
+
+def test_secure_rng_draws_noise_and_sampling_the_seed_cannot_redraw(tmp_path):
+    global_weights = {"w": torch.zeros(50)}
+    draws = [bound(CentralDP(noise_multiplier=1.0, secure_rng=secure), 8, 3).prepare(
+        1, [], global_weights)[0].weights["w"] for secure in (True, True, False, False)]
+    assert not torch.equal(draws[0], draws[1])  # the same seed and round, fresh noise
+    assert torch.equal(draws[2], draws[3])  # the seed's noise, reproducible
+
+    cfg = tiny_config(privacy=central(secure_rng=True), data={"type": "digits", "num_clients": 8},
+                      trainer={"args": {"rounds": 3, "clients_per_round": 2}})
+    sampled = []
+    for name in ("a", "b"):
+        oiafed.run(cfg, run_dir=tmp_path / name)
+        rows = (tmp_path / name / "clients.jsonl").read_text().splitlines()
+        sampled.append([(row["round"], row["client_id"]) for row in map(json.loads, rows)])
+    assert sampled[0] != sampled[1]  # 28 pairs a round: equal 3 rounds running with p < 1e-4
+
+
+def test_grpc_must_say_where_the_noise_comes_from(caplog):
+    for privacy in (central(), local()):
+        with pytest.raises(ConfigError, match=r"privacy.args.secure_rng.*deployment"):
+            oiafed.validate(tiny_config(privacy=privacy, runtime={"mode": "grpc"}))
+    with pytest.raises(ConfigError, match=r"privacy.args.secure_rng.*true or false"):
+        oiafed.validate(tiny_config(privacy=central(secure_rng="yes")))
+    oiafed.validate(tiny_config(privacy=central(secure_rng=True), runtime={"mode": "grpc"}))
+    assert "secure_rng" not in caplog.text
+    oiafed.validate(tiny_config(privacy=central(secure_rng=False), runtime={"mode": "grpc"}))
+    assert "whoever has it can remove the noise" in caplog.text
+
+
+def fit_once(learner: Learner, seed: int = 5) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randn(40, 4, generator=gen), torch.randint(0, 3, (40,), generator=gen),
+                        3)
+    update = asyncio.run(learner.fit("c0", {k: torch.zeros_like(v) for k, v in
+                                            learner.model.state_dict().items()},
+                                     data, round_num=1, seed=seed))
+    assert update.metrics["dp_steps"] == learner.steps == 5  # round(40 / 8) Poisson steps
+    return update.weights
+
+
+def private_learner(kind: type[Learner] = Learner, secure_rng: bool = False) -> Learner:
+    learner = kind(epochs=1, batch_size=8, lr=0.5)
+    torch.manual_seed(0)
+    learner.setup(nn.Linear(4, 3), CallbackManager())
+    learner.private_training = DPSGDTraining(1.0, 1.0, secure_rng=secure_rng)
+    return learner
+
+
+def test_local_secure_rng_trains_differently_from_the_same_seed():
+    seeded = [fit_once(private_learner()) for _ in range(2)]
+    assert_same_weights(seeded[0], seeded[1])
+    secure = [fit_once(private_learner(secure_rng=True)) for _ in range(2)]
+    assert not torch.equal(secure[0]["weight"], secure[1]["weight"])
+
+
+class PlainEpochs(Learner):
+    """Trains its epochs itself, outside DP-SGD (declaring, wrongly, that DP covers it)."""
+
+    extras_under_dp = True
+
+    def train_epoch(self, data, generator):
+        private, self.private_training = self.private_training, None
+        try:
+            return super().train_epoch(data, generator)
+        finally:
+            self.private_training = private
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus's, left on
+def test_local_dp_refuses_learners_that_train_outside_dp_sgd():
+    with RegistrySnapshot():
+        register("learner.plain_epochs")(type("Own", (Learner,), {
+            "train_epoch": PlainEpochs.train_epoch}))
+        with pytest.raises(ConfigError, match=r"learner.type.*'plain_epochs'.*train_epoch"):
+            oiafed.validate(tiny_config(privacy=local(), learner={"type": "plain_epochs"}))
+    # one that opts in but still trains outside DP-SGD sends nothing
+    with pytest.raises(PrivacyError, match=r"took 5 step\(s\), DP-SGD 0"):
+        fit_once(private_learner(PlainEpochs))
+
+
+def test_local_dp_leaves_out_updates_it_cannot_account_for():
+    dp = LocalDP()
+    good = {"dp_steps": 3.0, "dp_sample_rate": 0.25}
+    bad = [{}, {"dp_steps": 3.0}, {**good, "dp_sample_rate": 0.0},
+           {**good, "dp_sample_rate": 1.5}, {**good, "dp_steps": 2.5},
+           {**good, "dp_steps": 0.0}, {**good, "dp_steps": math.inf}]
+    for metrics in bad:
+        assert dp.update_problem(ClientUpdate("c", 5, metrics, {})) is not None, metrics
+    trainer = Trainer(rounds=1)
+    trainer.privacy = dp
+    reference = {"w": torch.zeros(3)}
+    outcomes = [ClientUpdate("ok", 5, dict(good), {"w": torch.ones(3)}),
+                ClientUpdate("bad", 5, {"dp_steps": 3.0}, {"w": torch.ones(3)})]
+    dp.observe(1, outcomes)
+    accepted = asyncio.run(trainer.accept(1, outcomes, reference))
+    assert [u.client_id for u in accepted] == ["ok"]
+    assert set(dp.history) == {"ok"}  # only what is aggregated is accounted
+
+
+class CrashBeforeRound(oiafed.Callback):
+    def __init__(self, round_num: int) -> None:
+        self.round_num = round_num
+
+    async def on_round_start(self, trainer, round_num, **kwargs):
+        if round_num == self.round_num:
+            raise RuntimeError("crash")
+
+
+def test_a_resumed_run_accounts_for_the_rounds_it_redoes(tmp_path):
+    cfg = tiny_config(privacy=central(), strict=True,
+                      trainer={"args": {"rounds": 4, "clients_per_round": 2}},
+                      runtime={"checkpoint_every": 2, "checkpoint_interval": 0})
+    with pytest.raises(CallbackError):
+        oiafed.run(cfg, run_dir=tmp_path / "run", callbacks=[CrashBeforeRound(4)])
+    released = [json.loads(line) for line in
+                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in released] == [1, 2, 3]  # the state holds round 2
+    resumed = oiafed.run(None, resume=tmp_path / "run")
+    # round 3 was released, then redone: rounds 3 and 4 are the 4th and 5th releases
+    assert [row["dp_rounds_released"] for row in resumed.history] == [1, 2, 4, 5]
+    assert resumed.history[3]["epsilon"] == pytest.approx(
+        direct_central_epsilon(4, 2, 0.8, 5, 1e-5), rel=1e-12)
+    assert resumed.history[2]["accuracy"] != released[2]["accuracy"]  # fresh noise

@@ -39,6 +39,11 @@ CONFIG = tiny_config(
 )
 PLOTS = {"accuracy.png", "loss.png", "round_time.png", "lr.png", "client_sampling.png",
          "label_histogram.png"}
+PERSONAL = "personal_accuracy.png"
+PERSONAL_PLOTS = PLOTS - {"lr.png"} | {PERSONAL}  # no lr_scheduler: the lr does not change
+PERSONAL_CONFIG = tiny_config(name="personal", report=True,
+                              data={"type": "digits", "num_clients": 4, "local_test_fraction": 0.2},
+                              trainer={"args": {"rounds": 2}})
 CONSOLE_LINE = re.compile(r":CONSOLE[:(]")
 
 
@@ -56,6 +61,14 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run of ``CONFIG`` (``report: true``)."""
     run_dir = tmp_path_factory.mktemp("runs") / "finished"
     oiafed.run(CONFIG, run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def personal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run with local test sets (personal metrics), ``report: true``."""
+    run_dir = tmp_path_factory.mktemp("runs") / "personal"
+    oiafed.run(PERSONAL_CONFIG, run_dir=run_dir)
     return run_dir
 
 
@@ -160,12 +173,30 @@ def test_summarize_best_final_and_rounds_to_target(finished):
     assert summarize(read_run(finished), "accuracy", 2.0).rounds_to_target is None
 
 
+def test_a_personal_run_reports_its_personal_accuracy_and_spread(personal):
+    assert {p.name for p in (personal / PLOTS_DIR).iterdir()} == PERSONAL_PLOTS
+    assert imread(personal / PLOTS_DIR / PERSONAL).shape[0] > 100
+    page = (personal / REPORT_HTML).read_text()
+    png = (personal / PLOTS_DIR / PERSONAL).read_bytes()
+    assert f'<figure id="personal_accuracy"><img src="data:image/png;base64,' \
+           f'{base64.b64encode(png).decode()}"' in page
+    final = rows(personal / "metrics.jsonl")[-1]
+    for name in ("personal_accuracy", "personal_accuracy_median", "personal_accuracy_p10",
+                 "personal_accuracy_min"):
+        assert f"<tr><th>{name}</th><td>{final[name]:.4f}</td>" in page
+
+
+@pytest.mark.parametrize(("run", "shown"), [("finished", PLOTS), ("personal", PERSONAL_PLOTS)])
 def test_report_loads_in_headless_chromium_with_every_plot_and_no_console_message(
-        finished, chromium, tmp_path):
-    dom, console = load(chromium, finished / REPORT_HTML, tmp_path / "profile")
+        request, run, shown, chromium, tmp_path):
+    run_dir = request.getfixturevalue(run)
+    dom, console = load(chromium, run_dir / REPORT_HTML, tmp_path / "profile")
     assert console == []
-    assert f'data-plots="loaded {len(PLOTS)} of {len(PLOTS)}"' in dom
-    # The check can fail: a page whose plot is not a PNG, and an error in a script.
+    assert f'data-plots="loaded {len(shown)} of {len(shown)}"' in dom
+
+
+def test_the_browser_check_can_fail(finished, chromium, tmp_path):
+    """A page whose plot is not a PNG, and an error in a script, are seen."""
     record = read_run(finished)
     broken = tmp_path / "broken.html"
     broken.write_text(html.render(record, [(plots.report_plots(record)[0], b"not a png")])

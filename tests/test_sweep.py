@@ -3,6 +3,7 @@ bad input refused before anything is written, cells on a Ray cluster."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,10 @@ import yaml
 
 import oiafed
 from oiafed.cli import main
+from oiafed.reporting.runs import RunRecord
+from oiafed.sweep.execute import RoundCounter, cell_environment, usable_cpus
+from oiafed.sweep.grid import Cell
+from oiafed.sweep.summary import summarize_points, write_summary
 from support import SLOW_ROUNDS, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +89,16 @@ def wait_for(condition, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def lock_free(sweep_dir: Path) -> bool:
+    """Whether no process holds the sweep folder's lock."""
+    with open(sweep_dir / ".lock") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
 @dataclass
 class KilledSweep:
     """A 2 x 2 sweep SIGKILLed while a cell was half done, then run again to its end."""
@@ -131,6 +146,7 @@ def killed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KilledSwe
         at_kill = {d: len(rows(d)) for d in interrupted}
         time.sleep(0.8)  # a cell still running would record its next round (0.3 s a round)
         later = {d: (at_kill[d], len(rows(d))) for d in interrupted}
+        wait_for(lambda: lock_free(sweep_dir))  # cells still stopping hold the sweep's lock
         again = subprocess.run(sweep_command(config_file, sweep_dir), env=env, cwd=folder,
                                capture_output=True, text=True, timeout=300)
         yield KilledSweep(config_file, sweep_dir, cells, finished, interrupted,
@@ -218,6 +234,11 @@ BAD = [
     (["--set", "learner.args.lr=0.1,"], "empty value"),
     (["--seeds", "0,x"], "--seeds"),
     (["--jobs", "0"], "--jobs"),
+    # found only once a grid point's model or data is built
+    (["aggregator.type=fedper", "--set", "aggregator.args.head=head,classifer"],
+     "aggregator.args.head=classifer/seed=42: aggregator.args.head: the model"),
+    (["--set", "data.local_test_fraction=0.2,0.99"],
+     "data.local_test_fraction=0.99/seed=42: data.local_test_fraction: client_"),
 ]
 
 
@@ -229,6 +250,62 @@ def test_bad_sweep_input_exits_2_naming_the_key_and_writes_nothing(tmp_path, cap
     assert code == 2
     assert named in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_sweep_folder_in_use_is_refused_and_nothing_is_written(tmp_path, capsys):
+    """Another sweep holds the folder's lock (here: this process): exit 2 naming the folder."""
+    config_file = write_config(tmp_path, quickstart(1))
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    with open(sweep_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["sweep", str(config_file), "--set", "learner.args.lr=0.1",
+                     "--sweep-dir", str(sweep_dir)])
+    assert code == 2
+    assert f"another sweep is running in {sweep_dir}" in capsys.readouterr().err
+    assert [p.name for p in sweep_dir.iterdir()] == [".lock"]
+
+
+def test_cells_share_the_cpus_unless_omp_num_threads_is_set():
+    cpus = usable_cpus()
+    assert cell_environment(2, {"PATH": "/bin"}) == {
+        "PATH": "/bin", "OMP_NUM_THREADS": str(max(1, cpus // 2))}
+    assert cell_environment(cpus + 1, {})["OMP_NUM_THREADS"] == "1"
+    assert cell_environment(1, {"OMP_NUM_THREADS": "3"}) == {"OMP_NUM_THREADS": "3"}
+
+
+def test_the_round_counter_reads_what_was_appended_and_a_replaced_file_again(tmp_path):
+    file = tmp_path / "metrics.jsonl"
+    counter = RoundCounter(tmp_path)
+    assert counter.count() == 0
+    file.write_text('{"round": 1}\n{"round": 2}\n{"rou')
+    assert counter.count() == 2
+    with open(file, "a") as handle:
+        handle.write('nd": 3}\n')
+    assert counter.count() == 3
+    replaced = tmp_path / "new"
+    replaced.write_text('{"round": 1}\n')
+    replaced.replace(file)  # as a resumed run rewrites it
+    assert counter.count() == 1
+
+
+def test_a_metric_no_run_of_a_point_recorded_is_marked_in_the_summary(tmp_path):
+    """Points whose runs lack the metric say so; the others are summed up."""
+    def run(name: str, values: list[float]) -> RunRecord:
+        rounds = [{"round": i, "accuracy": 0.5, **({"personal_accuracy": v} if v else {})}
+                  for i, v in enumerate(values, start=1)]
+        return RunRecord(path=tmp_path / name, config={}, config_text="", rounds=rounds)
+
+    cells = [Cell((("k", "a"),), 0), Cell((("k", "a"),), 1), Cell((("k", "b"),), 0)]
+    records = dict(zip(cells, [run("a0", [0.2, 0.4]), run("a1", [0.6, 0.3]),
+                               run("b0", [0, 0])], strict=True))
+    points = summarize_points(cells, records, "personal_accuracy", None, None)
+    write_summary(tmp_path, ["k"], points, 2, "personal_accuracy", None)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "personal_accuracy of the clients' personal models on their local test sets" in markdown
+    assert f"| a | 2/2 | 0.5000 ± {statistics.stdev([0.4, 0.6]):.4f} | 0.3500 ± " in markdown
+    assert "| b | 1/2 | no such metric | no such metric |" in markdown
+    assert (tmp_path / "summary.csv").read_text().splitlines()[2] == "b,1,,,,"
 
 
 def test_a_sweep_folder_refuses_another_config_or_other_keys_and_sums_up_a_subset(
@@ -247,6 +324,9 @@ def test_a_sweep_folder_refuses_another_config_or_other_keys_and_sums_up_a_subse
     assert "learner.args.epochs" in capsys.readouterr().err
     assert main([*command, "--set", "learner.args.momentum=0.5"]) == 2
     assert "learner.args.momentum" in capsys.readouterr().err
+    assert main([*command, "--set", "learner.args.lr=0.05", "--metric", "acuracy"]) == 2
+    assert "--metric: no cell that finished recorded the metric 'acuracy'" in \
+        capsys.readouterr().err
     assert (sweep_dir / "sweep.json").read_bytes() == record
 
     assert main(["sweep", str(killed_sweep.config_file), "--sweep-dir", str(sweep_dir),

@@ -119,6 +119,11 @@ class RoundFailed(OiafedError):
     """A round ended with fewer usable updates than the quorum (``min_clients``)."""
 
 
+class PrivacyError(OiafedError):
+    """A client trained outside its differential-privacy mechanism (local DP's DP-SGD): its
+    update is not sent."""
+
+
 class SecureAggregationFailed(RoundFailed):
     """A secure-aggregation round lost so many clients that fewer than its threshold remain
     (``runtime.secure_aggregation.threshold``): the sum cannot be unmasked."""

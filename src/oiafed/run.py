@@ -49,9 +49,11 @@ class Experiment:
     callbacks: CallbackManager
 
     @classmethod
-    def build(cls, cfg: ExperimentConfig, extra_callbacks: list[Any] | None = None) -> Experiment:
-        """Build the run's parts. Devices are checked first: ``device`` (the server's) and,
-        for learners on this machine (serial, parallel), ``runtime.device`` and ``precision``.
+    def build(cls, cfg: ExperimentConfig, extra_callbacks: list[Any] | None = None,
+              data: FederatedSource | None = None) -> Experiment:
+        """Build the run's parts (``data``: ``cfg``'s, built already; None: built here).
+        Devices are checked first: ``device`` (the server's) and, for learners on this
+        machine (serial, parallel), ``runtime.device`` and ``precision``.
 
         Raises:
             ConfigError: naming the key, for a device not available here.
@@ -62,7 +64,7 @@ class Experiment:
             key = "runtime.device" if cfg.runtime.device else "device"
             check_precision(cfg.precision, resolve_device(learner_device_name(cfg), key))
         apply_determinism(cfg.deterministic)
-        data = build_federated_data(cfg.data, cfg.seed)
+        data = data if data is not None else build_federated_data(cfg.data, cfg.seed)
         model = build_model(cfg, data)
         manager = CallbackManager([*build_callbacks(cfg), *(extra_callbacks or [])],
                                   strict=cfg.strict)
@@ -267,6 +269,8 @@ def _resume(
         except Exception as exc:  # a component's load_state_dict may raise anything
             raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
     history = folder.history_until(experiment.trainer.round_num)
+    if experiment.trainer.privacy is not None:  # rounds to redo were released all the same
+        experiment.trainer.privacy.count_released(folder.read_metrics())
     # All is read and checked: from here on the folder changes (run() then drops the client
     # state versions after the round resumed from).
     folder.keep_rounds(experiment.trainer.round_num, history)

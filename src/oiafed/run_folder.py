@@ -17,6 +17,7 @@ from oiafed.config import ExperimentConfig, RuntimeConfig, fill_defaults
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
+from oiafed.jsonl import read_jsonl
 from oiafed.state import STATE_FILE, Snapshot, StateWriter, take_snapshot
 
 CONFIG = "config.yaml"
@@ -357,19 +358,8 @@ class RunFolder:
         return float(value) if isinstance(value, int | float) else 0.0
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The rows of ``metrics.jsonl``."""
-        file = self.path / METRICS
-        if not file.exists():
-            return []
-        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = []
-        for i, line in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i < len(lines) - 1:  # only the last line may be cut short by a kill
-                    raise InputError(f"{file} line {i + 1} is not JSON") from None
-        return rows
+        """The rows of ``metrics.jsonl`` (a last line cut short by a kill is skipped)."""
+        return read_jsonl(self.path / METRICS)
 
 
 def _round_of(line: bytes) -> int:

@@ -84,6 +84,7 @@ class FedNovaLearner(Learner):
     """
 
     server_half: ClassVar[str | None] = "fednova"
+    extras_under_dp: ClassVar[bool] = True  # a_norm: a function of the step count alone
 
     def begin_fit(self) -> None:
         if self.optimizer_name != "sgd":

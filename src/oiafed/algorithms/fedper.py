@@ -13,14 +13,15 @@ averages the bodies.
 The head is the model's submodules named by ``aggregator.args.head`` (default ``head``; the
 built-in models have one). Each client's head is kept by the server half and sent with its next
 task; the global model's head is FedAvg's average, the start of a client not yet trained.
-Personal model: the global body and the client's head; FedRep's evaluation first trains that
-head ``head_epochs`` epochs on the client's training data (its own head step), as a client does
-at the start of its next round.
+Personal model: the global body and the client's stored head (the one its last round trained),
+evaluated as it is, with no training, as in FedRep's Algorithm 1 and its authors' code.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from oiafed.algorithms.personal import (
     head_names,
     part_keys,
 )
+from oiafed.core.types import JSON
 from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
@@ -108,7 +110,7 @@ class FedRep(FedPer):
                               f"the head {self.head} holds {len(self.personal_keys)} of the "
                               "model's tensors", HEAD_KEY)
 
-    def sent_values(self) -> dict[str, Any]:
+    def sent_values(self) -> dict[str, JSON]:
         return {HEAD_KEYS: list(self.personal_keys), HEAD_EPOCHS: self.head_epochs}
 
 
@@ -117,7 +119,8 @@ class FedRepLearner(PersonalLearner):
     """FedRep's client half: in the first epoch of a round, ``head_epochs`` epochs on the
     head (body fixed) before the body's first epoch; every epoch of the round's ``epochs``
     trains the body (head fixed). Parameters are fixed by leaving them out of the backward
-    pass (``requires_grad``), so the optimizer does not move them."""
+    pass (``requires_grad``), so the optimizer does not move them. Evaluated with its stored
+    head on the global body, as it is (``PersonalLearner.personalize``)."""
 
     server_half: ClassVar[str | None] = "fedrep"
 
@@ -127,28 +130,24 @@ class FedRepLearner(PersonalLearner):
 
     def train_epoch(self, data: ArrayDataset, generator: torch.Generator) -> dict[str, float]:
         if not self._head_done:
-            self._train_head(data, generator)
+            with self._training(head=True):
+                for _ in range(int(sent_number(self, HEAD_EPOCHS))):
+                    super().train_epoch(data, generator)
             self._head_done = True
-        self._trainable(head=False)
-        try:
+        with self._training(head=False):
             return super().train_epoch(data, generator)
-        finally:
-            self._trainable(head=None)
 
-    def personalize(self, data: ArrayDataset, generator: torch.Generator) -> None:
-        super().personalize(data, generator)
-        self._train_head(data, generator)
-
-    def _train_head(self, data: ArrayDataset, generator: torch.Generator) -> None:
-        self._trainable(head=True)
-        try:
-            for _ in range(int(sent_number(self, HEAD_EPOCHS))):
-                super().train_epoch(data, generator)
-        finally:
-            self._trainable(head=None)
-
-    def _trainable(self, head: bool | None) -> None:
-        """Train the head only (True), the body only (False) or everything (None)."""
+    @contextmanager
+    def _training(self, head: bool) -> Iterator[None]:
+        """Within: only the head (True) or only the body (False) trains; after, every
+        parameter's ``requires_grad`` is as before."""
         keys = set(self.extra_values.get(HEAD_KEYS) or ())
-        for name, p in self._require_model().named_parameters():
-            p.requires_grad_(head is None or (name in keys) == head)
+        params = list(self._require_model().named_parameters())
+        before = [p.requires_grad for _, p in params]
+        try:
+            for (name, p), trainable in zip(params, before, strict=True):
+                p.requires_grad_(trainable and (name in keys) == head)
+            yield
+        finally:
+            for (_, p), flag in zip(params, before, strict=True):
+                p.requires_grad_(flag)

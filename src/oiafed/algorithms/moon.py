@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from oiafed.algorithms.personal import (
     personal_tensors,
 )
 from oiafed.core.learner import Learner
-from oiafed.core.types import RoundPlan, Weights
+from oiafed.core.types import JSON, RoundPlan, Weights
 from oiafed.core.weights import load_weights
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
@@ -77,7 +77,7 @@ class Moon(PersonalAggregator):
         self.personal_keys = tuple(k for k, t in model.state_dict().items()
                                    if t.is_floating_point())
 
-    def sent_values(self) -> dict[str, Any]:
+    def sent_values(self) -> dict[str, JSON]:
         return {MU: self.mu, TEMPERATURE: self.temperature, HEAD: self.head}
 
     def evaluation_plan(self, global_weights: Weights) -> RoundPlan:

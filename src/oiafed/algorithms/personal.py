@@ -14,14 +14,12 @@ global weights: the client trains and is evaluated with its own part.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from oiafed.core.aggregators import FedAvg
 from oiafed.core.learner import Learner
-from oiafed.core.types import ClientUpdate, RoundPlan, Tensors, Weights
+from oiafed.core.types import JSON, ClientUpdate, RoundPlan, Tensors, Weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.device import CPU
 from oiafed.exceptions import ConfigError
@@ -84,7 +82,7 @@ class PersonalAggregator(FedAvg):
 
     personal_keys: tuple[str, ...] = ()
 
-    def sent_values(self) -> dict[str, Any]:
+    def sent_values(self) -> dict[str, JSON]:
         """Values every task of this method carries (its arguments the client half needs)."""
         return {}
 

@@ -26,8 +26,8 @@ class PrivacyBudgetCallback(Callback):
     after each round it asks the run's central privacy (``privacy.type: central``) for the
     epsilon the *next* round would reach, and stops when that exceeds the budget, so the
     epsilon of every round run stays within it. The stop reason names both values. A run
-    resumed after the stop stops again before training (the budget is a property of the
-    rounds, so the callback keeps no state).
+    resumed after the stop stops again before training (the privacy section counts the
+    rounds released, redone ones included, so the callback keeps no state).
 
     Args:
         budget: the largest epsilon allowed (at the privacy section's ``target_delta``).
@@ -76,14 +76,14 @@ class PrivacyBudgetCallback(Callback):
 
     def _check(self, trainer: Trainer, done: int) -> None:
         privacy = getattr(trainer, "privacy", None)
-        upcoming = privacy.epsilon_after(done + 1) if privacy is not None else None
+        upcoming = privacy.epsilon_next() if privacy is not None else None
         if privacy is None or upcoming is None:
             self._stop(trainer, f"{NAME}: the run has no central privacy whose epsilon is "
                                 "known ahead; nothing bounds it")
             return
         if done >= trainer.rounds or upcoming <= self.budget:
             return
-        spent = privacy.epsilon_after(done)
+        spent = privacy.epsilon_spent()
         self._stop(trainer, f"{NAME}: round {done + 1} would reach epsilon {upcoming:.4g} > "
                             f"budget {self.budget:g} ({spent:.4g} after round {done})")
 

@@ -89,6 +89,11 @@ class Learner:
 
     server_half: ClassVar[str | None] = None
     """The aggregator (registry name) an algorithm's client half belongs to (None: any)."""
+    extras_under_dp: ClassVar[bool] = False
+    """Whether an overridden ``fit``/``train_epoch``/``end_fit`` trains only through DP-SGD
+    (``super().train_epoch``) and adds to an update only what derives from the DP-SGD-trained
+    model and counts, so that ``privacy.type: local`` covers it (a client half overriding them
+    runs under local DP only if it declares so; its step count is checked after the fit)."""
 
     def __init__(
         self,
@@ -138,6 +143,9 @@ class Learner:
         self._global_on_device: Weights | None = None
         self._custom_step = False
         self._pre_step: Callable[[], None] | None = None
+        self.post_step: Callable[[], None] | None = None
+        """Called after each ``optimizer.step()`` of ``train_epoch`` when set (Ditto's
+        proximal pull)."""
         self.private_training: PrivateTraining | None = None
         """Sample-level DP (``privacy.type: local``): its epochs replace ``train_epoch``'s."""
 
@@ -203,30 +211,15 @@ class Learner:
         """
         if self.model is None:
             raise RuntimeError("Learner.setup() must be called before fit()")
-        self.client_id = client_id
-        self.round_num = round_num
-        self.extra_tensors = tensors if tensors is not None else {}
-        self.extra_values = values if values is not None else {}
-        self.steps = 0
-        self._global_source, self._global_on_device = weights, None
-        load_weights(self.model, weights)
-        self.round_lr = float((config or {}).get("lr", self.lr))
-        self.optimizer = self.make_optimizer(self.round_lr)
+        generator = self._start_task(client_id, weights, round_num, seed, config, tensors,
+                                     values)
         store = self.state_store
         self.client_state = store.get(client_id, {}) if store is not None else None
-        generator = torch.Generator().manual_seed(seed)
-        # The CPU generator only: torch.manual_seed also queues lazy seeding of every
-        # accelerator backend, which costs ~0.3 ms per client.
-        torch.default_generator.manual_seed(seed)
         metrics: dict[str, float] = {"accuracy": float("nan"), "loss": float("nan")}
         if self.extra_values.get(LABEL_FLIP):
             data = ArrayDataset(data.x, data.num_classes - 1 - data.y, data.num_classes)
-        if data.x.device != self.device:  # once per fit; resident data is already there
-            data = ArrayDataset(data.x.to(self.device), data.y.to(self.device), data.num_classes)
+        data = self._on_device(data)
         epochs = int(self.extra_values.get(EPOCHS, self.epochs))
-        self._custom_step = _overrides(self, "training_step")
-        self._pre_step = (self.before_optimizer_step
-                          if _overrides(self, "before_optimizer_step") else None)
         self.begin_fit()
         if self.private_training is not None:
             self.private_training.begin(self, seed, len(data))
@@ -249,6 +242,34 @@ class Learner:
         if self.private_training is not None:
             self.private_training.end(self, update)
         return update
+
+    def _start_task(self, client_id: str, weights: Weights, round_num: int, seed: int,
+                    config: dict[str, Any] | None, tensors: Tensors | None,
+                    values: dict[str, JSON] | None) -> torch.Generator:
+        """What a fit and a personal evaluation start with: the client's task in the
+        learner's attributes, the model at ``weights``, a new optimizer, the hooks to call;
+        the generator of the data order (seeded, as the CPU's default one)."""
+        self.client_id, self.round_num = client_id, round_num
+        self.extra_tensors = tensors if tensors is not None else {}
+        self.extra_values = values if values is not None else {}
+        self.steps = 0
+        self._global_source, self._global_on_device = weights, None
+        load_weights(self._require_model(), weights)
+        self.round_lr = float((config or {}).get("lr", self.lr))
+        self.optimizer = self.make_optimizer(self.round_lr)
+        self._custom_step = _overrides(self, "training_step")
+        self._pre_step = (self.before_optimizer_step
+                          if _overrides(self, "before_optimizer_step") else None)
+        # The CPU generator only: torch.manual_seed also queues lazy seeding of every
+        # accelerator backend, which costs ~0.3 ms per client.
+        torch.default_generator.manual_seed(seed)
+        return torch.Generator().manual_seed(seed)
+
+    def _on_device(self, data: ArrayDataset) -> ArrayDataset:
+        """``data`` on the learner's device (moved once per task; resident data is there)."""
+        if data.x.device == self.device:
+            return data
+        return ArrayDataset(data.x.to(self.device), data.y.to(self.device), data.num_classes)
 
     # -- the client half's hooks (an algorithm's learner overrides what it needs) -------------
 
@@ -294,21 +315,9 @@ class Learner:
         on ``test``: an update of no weights whose ``num_samples`` is ``len(test)`` and whose
         metrics are the test ``accuracy`` and ``loss``."""
         model = self._require_model()
-        self.client_id, self.round_num = client_id, round_num
-        self.extra_tensors = tensors if tensors is not None else {}
-        self.extra_values = values if values is not None else {}
-        self.steps = 0
-        self._global_source, self._global_on_device = weights, None
-        load_weights(model, weights)
-        self.round_lr = float((config or {}).get("lr", self.lr))
-        self.optimizer = self.make_optimizer(self.round_lr)
-        self._custom_step = _overrides(self, "training_step")
-        self._pre_step = (self.before_optimizer_step
-                          if _overrides(self, "before_optimizer_step") else None)
-        generator = torch.Generator().manual_seed(seed)
-        torch.default_generator.manual_seed(seed)
-        if data.x.device != self.device:
-            data = ArrayDataset(data.x.to(self.device), data.y.to(self.device), data.num_classes)
+        generator = self._start_task(client_id, weights, round_num, seed, config, tensors,
+                                     values)
+        data = self._on_device(data)
         # Fine-tuning for an evaluation trains a model that never leaves the client: no DP.
         private, self.private_training = self.private_training, None
         try:
@@ -332,7 +341,7 @@ class Learner:
         order = torch.randperm(n, generator=generator)  # on the CPU: the same on every device
         if self.device != CPU or self.precision != "32":
             return self._train_epoch_on_device(data, order)
-        custom, pre_step = self._custom_step, self._pre_step
+        custom, pre_step, post_step = self._custom_step, self._pre_step, self.post_step
         loss_sum, correct = 0.0, 0
         for start in range(0, n, size):
             index = order[start:start + size]
@@ -347,6 +356,8 @@ class Learner:
             if pre_step is not None:
                 pre_step()
             optimizer.step()
+            if post_step is not None:
+                post_step()
             self.steps += 1
             # On the CPU, item() costs less than any tensor operation (no device to sync).
             loss_sum += loss.item() * len(index)
@@ -380,6 +391,8 @@ class Learner:
                     self._pre_step()
                 scaler.step(optimizer)
                 scaler.update()
+            if self.post_step is not None:
+                self.post_step()
             self.steps += 1
             loss_sum += loss.detach().double() * len(index)
             correct += (logits.detach().argmax(dim=1) == y).sum()

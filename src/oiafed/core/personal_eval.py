@@ -15,9 +15,41 @@ from collections.abc import Sequence
 import numpy as np
 
 from oiafed.core.types import ClientUpdate, Outcome
+from oiafed.exceptions import ConfigError
+from oiafed.registry import get
 from oiafed.seeding import PERSONAL, rng
 
 logger = logging.getLogger(__name__)
+
+EVAL_CHUNK = 64
+"""Fewest clients one runtime call of a personal evaluation asks (a round's sample if more):
+their personal state and tasks are what the evaluation holds in memory at once."""
+COSTLY_SHARE, COSTLY_CLIENTS = 10, 100
+"""Evaluating all clients warns beyond ``COSTLY_SHARE`` times a round's sample and
+``COSTLY_CLIENTS`` clients."""
+
+
+def check_learner(learner_type: str) -> None:
+    """Refuse a learner class without ``evaluate_personal`` (from oiafed's ``Learner``).
+
+    Raises:
+        ConfigError: naming ``learner.type``.
+    """
+    learner = get("learner", learner_type, path="learner.type")
+    if isinstance(learner, type) and not hasattr(learner, "evaluate_personal"):
+        raise ConfigError(f"{learner.__name__} has no evaluate_personal() (from oiafed's "
+                          "Learner) for personal evaluation (data.local_test_fraction)",
+                          "learner.type")
+
+
+def warn_if_costly(total: int, sampled: int, eval_every: int) -> None:
+    """One warning when evaluating all ``total`` clients every ``eval_every`` rounds asks
+    far more clients than a round trains (``sampled``)."""
+    if total > COSTLY_SHARE * sampled and total > COSTLY_CLIENTS:
+        logger.warning("personal evaluation asks all %d clients every %d round(s), a round "
+                       "trains %d: set trainer.args.personal_eval_clients to evaluate a fixed "
+                       "sample, or raise trainer.args.eval_every", total, eval_every, sampled)
+
 
 def evaluation_clients(client_ids: Sequence[str], count: int | None, seed: int) -> list[str]:
     """The clients every personal evaluation of the run asks: all of them, or ``count`` drawn

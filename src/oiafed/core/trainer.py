@@ -20,7 +20,14 @@ from oiafed.core.aggregators import Aggregator
 from oiafed.core.client_states import ClientStates
 from oiafed.core.evaluation import evaluate
 from oiafed.core.learner import EPOCHS, EVALUATE, TASK
-from oiafed.core.personal_eval import answer_problem, evaluation_clients, personal_metrics
+from oiafed.core.personal_eval import (
+    EVAL_CHUNK,
+    answer_problem,
+    check_learner,
+    evaluation_clients,
+    personal_metrics,
+    warn_if_costly,
+)
 from oiafed.core.types import (
     ClientFailure,
     ClientTask,
@@ -44,7 +51,7 @@ from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import ClientIds, id_set
 from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
-from oiafed.privacy.base import Privacy
+from oiafed.privacy.base import Privacy, secure_seed
 from oiafed.registry import register
 from oiafed.runtime.base import RunEnd, RunSpec, Runtime
 from oiafed.runtime.envelope import json_problem
@@ -110,7 +117,7 @@ class Trainer:
     (the run folder, where relative paths of callbacks resolve; None outside ``run``), and
     ``device``: where the global model lives, is evaluated and aggregated (the config's
     ``device``; the clients' updates are moved there before aggregation), and ``privacy``:
-    the ``privacy:`` section's server side (``epsilon_after(rounds)``), or None.
+    the ``privacy:`` section's server side (``epsilon_spent()``, ``epsilon_next()``), or None.
 
     Args:
         rounds: number of rounds.
@@ -281,6 +288,10 @@ class Trainer:
                 self.max_update_norm_ratio = None
         aggregator.check_model(model)
         self.personal_evaluation = config is not None and config.data.local_test_fraction > 0
+        if config is not None and self.personal_evaluation:
+            check_learner(config.learner.type)
+            if self.personal_eval_clients is None:
+                warn_if_costly(len(client_ids), self.num_sampled, self.eval_every)
         self._warn_clamped()
         return self
 
@@ -446,8 +457,9 @@ class Trainer:
         metrics = self.round_metrics(round_num, updates, started)
         if self.personal_evaluation and (round_num % self.eval_every == 0
                                          or round_num == self.rounds):
+            evaluated = time.perf_counter()
             metrics.update(await self.evaluate_personal(round_num))
-            metrics["round_time"] = time.perf_counter() - started
+            metrics["personal_eval_time"] = time.perf_counter() - evaluated
         result = RoundResult(round_num, metrics, updates)
         await self.callbacks.on_round_end(self, round_num, result)
         row = {"round": round_num, **result.metrics}
@@ -462,10 +474,34 @@ class Trainer:
     async def evaluate_personal(self, round_num: int) -> dict[str, float]:
         """Every evaluated client's personal model (``aggregator.evaluation_plan``, built by
         its learner where its data lives) on its local test set; the round's ``personal_*``
-        metrics (``core/personal_eval.py``). A client that fails is logged and left out."""
-        aggregator, runtime = self._bound()
+        metrics (``core/personal_eval.py``). The clients are asked in chunks of
+        ``max(num_sampled, EVAL_CHUNK)`` (each a runtime call with its own deadline), so the
+        personal state and tasks held at once stay O(chunk). A client that fails is left out,
+        with one warning per evaluation."""
         clients = evaluation_clients(self.client_ids, self.personal_eval_clients, self.seed)
         weights = self.model.state_dict()
+        size = max(self.num_sampled, EVAL_CHUNK)
+        self.personal_scores = {}
+        failed: list[tuple[str, str]] = []
+        for start in range(0, len(clients), size):
+            for outcome in await self._evaluate_chunk(round_num, clients[start:start + size],
+                                                      weights):
+                problem = answer_problem(outcome)
+                if problem is not None or not isinstance(outcome, ClientUpdate):
+                    failed.append((outcome.client_id, _last_line(problem or "no answer")))
+                    continue
+                self.personal_scores[outcome.client_id] = {
+                    "accuracy": outcome.metrics["accuracy"], "loss": outcome.metrics["loss"],
+                    "num_samples": outcome.num_samples}
+        if failed:
+            logger.warning("round %d: personal evaluation left out %d of %d client(s); %s: %s",
+                           round_num, len(failed), len(clients), *failed[0])
+        return personal_metrics(self.personal_scores)
+
+    async def _evaluate_chunk(self, round_num: int, clients: list[str],
+                              weights: Weights) -> Sequence[Outcome]:
+        """One runtime call evaluating ``clients``' personal models."""
+        aggregator, runtime = self._bound()
         aggregator.context = RoundContext(round_num, tuple(clients), len(self.client_ids),
                                           self.client_states, fit_config=dict(self.fit_config),
                                           parameter_names=self._parameter_names())
@@ -476,18 +512,7 @@ class Trainer:
                             plan.client_tensors.get(cid, {}), plan.client_values.get(cid, {}))
                  for cid in clients]
         deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
-        outcomes = await runtime.train(task, tasks, deadline)
-        self.personal_scores = {}
-        for outcome in outcomes:
-            problem = answer_problem(outcome)
-            if problem is not None or not isinstance(outcome, ClientUpdate):
-                logger.warning("round %d: personal evaluation left out %s: %s", round_num,
-                               outcome.client_id, _last_line(problem or "no answer"))
-                continue
-            self.personal_scores[outcome.client_id] = {
-                "accuracy": outcome.metrics["accuracy"], "loss": outcome.metrics["loss"],
-                "num_samples": outcome.num_samples}
-        return personal_metrics(self.personal_scores)
+        return await runtime.train(task, tasks, deadline)
 
     def _parameter_names(self) -> tuple[str, ...]:
         if self._parameters is None:
@@ -521,8 +546,11 @@ class Trainer:
                       started: float) -> dict[str, float]:
         """The round's metrics: the clients' sample-weighted training metrics, the global
         model's on the test set on evaluated rounds, and ``round_time`` (since ``started``,
-        a ``time.perf_counter()``)."""
+        a ``time.perf_counter()``). Under ``privacy:`` only the client count is kept of the
+        training metrics: the clients' losses, accuracies and sample counts are not noised."""
         metrics = self.train_metrics(updates)
+        if self.privacy is not None:
+            metrics = {"num_clients": metrics["num_clients"]}
         if self.test_data is not None and (round_num % self.eval_every == 0
                                            or round_num == self.rounds):
             metrics.update(evaluate(self.model, self.test_data, device=self.device))
@@ -549,10 +577,13 @@ class Trainer:
         """
         extras_check = (self.aggregator.update_problem if self.aggregator is not None
                         else lambda update, reference: None)
+        privacy_check = (self.privacy.update_problem if self.privacy is not None
+                         else lambda update: None)
         problems: list[str | None] = [
             outcome.error if isinstance(outcome, ClientFailure)
             else (update_problem(outcome, reference) or extras_check(outcome, reference)
-                  or (None if isinstance(outcome, SecureSum) else self._count_problem(outcome)))
+                  or (None if isinstance(outcome, SecureSum)
+                      else self._count_problem(outcome) or privacy_check(outcome)))
             for outcome in outcomes
         ]
         well_formed = [i for i, problem in enumerate(problems) if problem is None]
@@ -611,7 +642,8 @@ class Trainer:
         return None
 
     def select_clients(self, round_num: int) -> list[str]:
-        """This round's clients, drawn without replacement from the round's own seed.
+        """This round's clients, drawn without replacement from the round's own seed (from
+        the OS CSPRNG under ``privacy.args.secure_rng``: the accountant's sampling is secret).
 
         O(k) for k sampled of n clients when k <= n / 50 or n <= 10,000: NumPy's ``choice``
         then uses Floyd's algorithm (measured: 100 of 100 or of 10,000,000 both take ~25 us).
@@ -631,7 +663,9 @@ class Trainer:
         total = len(self.client_ids)
         if k == total:
             return list(self.client_ids)
-        gen = rng(self.seed, SAMPLING, round_num)
+        gen = (np.random.default_rng(secure_seed())
+               if self.privacy is not None and self.privacy.secure_rng
+               else rng(self.seed, SAMPLING, round_num))
         return [self.client_ids[i] for i in sorted(gen.choice(total, size=k, replace=False))]
 
     def _selection_probabilities(self, weights: Any) -> tuple[list[str], np.ndarray]:

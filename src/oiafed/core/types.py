@@ -86,13 +86,17 @@ class SecureSum(ClientUpdate):
     """A secure-aggregation round's unmasked result (``runtime.secure_aggregation``): the
     weighted mean of its ``members``' updates, the only update the server ever sees.
 
-    ``weights`` is that mean, ``num_samples`` the members' total and ``metrics`` their
-    sample-weighted training ``accuracy`` and ``loss``. A runtime returns it after the
-    ``ClientFailure`` of each sampled client that dropped out; an aggregator given it alone
-    returns ``weights`` as FedAvg would the members' updates.
+    ``weights`` is that mean (the global weights plus the mean update, in the model's dtype),
+    ``num_samples`` the members' total and ``metrics`` their sample-weighted training
+    ``accuracy`` and ``loss``. ``update_sum`` is the members' weighted sum of their updates
+    (weights minus the global ones) in float64, floating-point tensors only, before any cast
+    (what central DP noises). A runtime returns it after the ``ClientFailure`` of each sampled
+    client that dropped out; an aggregator given it alone returns ``weights`` as FedAvg would
+    the members' updates.
     """
 
     members: tuple[str, ...] = ()
+    update_sum: Weights = field(default_factory=dict)
 
 
 @dataclass
@@ -127,8 +131,9 @@ class RoundResult:
             ``train_accuracy`` and ``train_loss``, ``num_clients``, ``num_samples`` and
             ``round_time`` (seconds); with local test sets (``data.local_test_fraction``), on
             evaluated rounds, ``personal_accuracy``, ``personal_loss`` and the clients' spread
-            (``personal_accuracy_min``, ``_p10``, ``_median``, ``personal_clients``). Callbacks
-            may add entries; they are recorded.
+            (``personal_accuracy_min``, ``_p10``, ``_median``, ``personal_clients``) and
+            ``personal_eval_time`` (seconds, apart from ``round_time``). Callbacks may add
+            entries; they are recorded.
         updates: the clients' updates of this round.
     """
 

@@ -51,7 +51,11 @@ def _round_rdp(num_clients: int, num_sampled: int,
     accountant = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
     accountant.compose(dpa.SampledWithoutReplacementDpEvent(
         num_clients, num_sampled, dpa.GaussianDpEvent(noise_multiplier / 2)))
-    # The accountant keeps its RDP curve private; it is read once here, never changed.
+    # The accountant keeps its RDP curve private (``_rdp``, ``_orders``); it is read once here,
+    # never changed. The public path (compose ``rounds`` events, ``get_epsilon``) redoes this
+    # round's ~0.5 s analysis on every call (each round, the budget callback twice), hence the
+    # pin dp-accounting>=0.6,<0.7 in pyproject.toml; tests/test_privacy.py checks the result
+    # against the public path.
     one_round = np.array(accountant._rdp, dtype=float)
     one_round.flags.writeable = False
     return tuple(accountant._orders), one_round

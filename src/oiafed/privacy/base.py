@@ -9,13 +9,17 @@ an error naming the ``oiafed[privacy]`` extra when they are missing.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
+import secrets
 from abc import ABC
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
-from oiafed.core.types import ClientUpdate, Outcome, Weights
+from oiafed.core.types import JSON, ClientUpdate, Outcome, Weights
 from oiafed.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -25,10 +29,12 @@ if TYPE_CHECKING:
     from oiafed.core.learner import Learner
     from oiafed.data.arrays import ArrayDataset
 
+logger = logging.getLogger(__name__)
+
 EXTRA = "pip install oiafed[privacy]"
 
 
-def require(module: str) -> Any:
+def require(module: str) -> ModuleType:
     """Import ``module`` (``opacus``, ``dp_accounting``) of the ``privacy`` extra.
 
     Raises:
@@ -39,6 +45,57 @@ def require(module: str) -> Any:
     except ImportError as exc:
         raise ConfigError(f"differential privacy needs the {module} package, which is not "
                           f"installed ({exc}): {EXTRA}", "privacy.type") from None
+
+
+def checked_number(value: float, key: str, *, zero: bool = False) -> float:
+    """``value`` as a float when it is finite and > 0 (>= 0 with ``zero``).
+
+    Raises:
+        ConfigError: naming ``privacy.args.<key>`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+            value) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"must be a finite number {'>=' if zero else '>'} 0, got {value!r}",
+                          f"privacy.args.{key}")
+    return float(value)
+
+
+def checked_secure_rng(cfg: ExperimentConfig) -> None:
+    """Refuse a gRPC deployment that does not say where its noise comes from.
+
+    With ``privacy.args.secure_rng: false`` (the default) the noise and the sampling derive
+    from the config's ``seed``: anyone who has the config can redraw and subtract the noise,
+    so the epsilon reported holds only against whoever does not (a simulation's default, as
+    it keeps runs reproducible). ``runtime.mode: grpc`` is a deployment: it must set
+    ``secure_rng`` (true: noise and sampling from the OS CSPRNG; false: seed-derived noise,
+    for tests, with a warning), as a default that changed with the runtime would make the
+    same config mean another thing there.
+
+    Raises:
+        ConfigError: naming ``privacy.args.secure_rng`` when it is not a boolean or gRPC
+            leaves it out.
+    """
+    assert cfg.privacy is not None
+    value = cfg.privacy.args.get("secure_rng")
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, got {value!r}", "privacy.args.secure_rng")
+    if cfg.runtime.mode != "grpc":
+        return
+    if value is None:
+        raise ConfigError(
+            "runtime.mode grpc is a deployment: say where the DP noise comes from. true: the "
+            "OS CSPRNG (not reproducible; epsilon holds against whoever has the config); "
+            "false: the config's seed (reproducible; anyone with the seed can remove the "
+            "noise, so for tests only)", "privacy.args.secure_rng")
+    if not value:
+        logger.warning("privacy.args.secure_rng is false under runtime.mode grpc: the DP noise "
+                       "derives from the config's seed, and whoever has it can remove the noise "
+                       "(the epsilon reported does not hold against them)")
+
+
+def secure_seed() -> int:
+    """A 63-bit seed from the OS CSPRNG (``secrets``): for ``privacy.args.secure_rng``."""
+    return secrets.randbits(63)
 
 
 class PrivateTraining(Protocol):
@@ -61,10 +118,12 @@ class Privacy(ABC):  # noqa: B024 - every hook is optional, as a callback's
     and adds the privacy spent to the round's metrics.
 
     ``uniform_sampling`` says the accountant assumes the trainer's uniform sampling (the
-    trainer then refuses ``client_selection_weights``).
+    trainer then refuses ``client_selection_weights``); ``secure_rng`` that the noise and
+    that sampling come from the OS CSPRNG rather than the seed (``checked_secure_rng``).
     """
 
     uniform_sampling = False
+    secure_rng = False
 
     @classmethod
     def check_config(cls, cfg: ExperimentConfig) -> None:
@@ -85,6 +144,10 @@ class Privacy(ABC):  # noqa: B024 - every hook is optional, as a callback's
     def observe(self, round_num: int, outcomes: Sequence[Outcome]) -> None:
         """The round's outcomes as the clients sent them (before any is left out)."""
 
+    def update_problem(self, update: ClientUpdate) -> str | None:
+        """Why ``update`` cannot be accounted for (the trainer leaves it out), or None."""
+        return None
+
     def prepare(self, round_num: int, updates: list[ClientUpdate],
                 global_weights: Weights) -> list[ClientUpdate]:
         """What the aggregator gets in place of the round's accepted ``updates``."""
@@ -94,14 +157,22 @@ class Privacy(ABC):  # noqa: B024 - every hook is optional, as a callback's
         """What the round adds to its metrics (``epsilon``, ...)."""
         return {}
 
-    def epsilon_after(self, rounds: int) -> float | None:
-        """The epsilon the run would have spent after ``rounds`` rounds (None: unknown
-        before the clients report)."""
+    def epsilon_next(self) -> float | None:
+        """The epsilon the run will have spent after its next round (None: unknown before
+        the clients report)."""
         return None
 
-    def state_dict(self) -> dict[str, Any]:
+    def epsilon_spent(self) -> float | None:
+        """The epsilon spent by the rounds released so far (None: unknown ahead)."""
+        return None
+
+    def count_released(self, rows: Sequence[dict[str, JSON]]) -> None:
+        """On resume, before the rows of the rounds to redo are dropped: ``rows`` are every
+        round row ``metrics.jsonl`` holds (those rounds were released)."""
+
+    def state_dict(self) -> dict[str, JSON]:
         """JSON-able state saved with the run."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, JSON]) -> None:
         """Restore what ``state_dict`` returned."""

@@ -15,22 +15,40 @@ server half (FedAvg, FedProx's, the server optimizers: FedAvgM, FedAdagrad, FedA
 FedYogi) takes it as the round's average. Integer buffers keep the global model's values.
 
 With secure aggregation (``runtime.secure_aggregation``) the clients clip their own updates
-to ``C`` (weight 1 each) before masking; the server gets their mean as one ``SecureSum`` and
-noises ``mean * members`` the same way (adaptive clipping is refused: it counts unclipped
-updates the server cannot see).
+(weight 1 each) before masking, to just under ``C`` so that fixed-point rounding keeps them
+within ``C``; the server gets their float64 sum in one ``SecureSum`` and noises it the same
+way (adaptive clipping is refused: it counts unclipped updates the server cannot see).
+
+Randomness: by default (``secure_rng: false``) the noise and the trainer's client sampling
+derive from the config's ``seed`` (reproducible: a simulation's default; whoever has the seed
+can redraw and remove the noise). With ``secure_rng: true`` both come from the OS CSPRNG
+(``secrets``), and runs are not reproducible. ``runtime.mode: grpc`` must choose
+(``base.checked_secure_rng``).
+
+Released rounds: the accountant counts every round whose row (metrics of the noised model,
+its epsilon) was written, a round redone after a resume included (``count_released``), so a
+resumed run reports at least the epsilon of everything it released.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from oiafed.core.types import ClientUpdate, SecureSum, Weights
+from oiafed.core.averaging import AVERAGING_AGGREGATORS, drops_stragglers
+from oiafed.core.types import JSON, ClientUpdate, SecureSum, Weights
 from oiafed.exceptions import ConfigError
 from oiafed.privacy.accounting import central_epsilon
-from oiafed.privacy.base import Privacy, require
+from oiafed.privacy.base import (
+    Privacy,
+    checked_number,
+    checked_secure_rng,
+    require,
+    secure_seed,
+)
 from oiafed.registry import get, register
 from oiafed.seeding import PRIVACY, derive_seed
 
@@ -39,6 +57,8 @@ if TYPE_CHECKING:
 
 AVERAGE_ID = "dp-average"
 """The client id of the single update the aggregator gets under central DP."""
+RELEASED = "dp_rounds_released"
+"""The round metric counting the rounds released so far (redone ones included)."""
 
 
 def update_norm(delta: Weights) -> float:
@@ -77,10 +97,6 @@ def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> floa
     return (noise_multiplier ** -2 - (2 * count_noise) ** -2) ** -0.5
 
 
-PRIVATE_AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
-"""Server halves that take the noised average as the round's average (and nothing else)."""
-
-
 @register("privacy.central")
 class CentralDP(Privacy):
     """Central (user-level) DP-FedAvg: the server clips each client's update, adds Gaussian
@@ -105,6 +121,8 @@ class CentralDP(Privacy):
         clip_lr: eta_C, the geometric step.
         count_noise: sigma_b, the std of the noise on the clip count (default ``m / 20`` for
             ``m`` clients per round, the paper's); it must exceed ``z / 2``.
+        secure_rng: draw the noise and the client sampling from the OS CSPRNG, not from the
+            seed (module docstring; required under ``runtime.mode: grpc``).
 
     Raises:
         ConfigError: naming the argument out of range, ``privacy.type`` when
@@ -118,40 +136,34 @@ class CentralDP(Privacy):
     """
 
     uniform_sampling = True
+    secure_rng: bool
 
     def __init__(self, noise_multiplier: float = 1.0, clip_norm: float = 1.0,
                  target_delta: float = 1e-5, adaptive: bool = False,
                  target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 count_noise: float | None = None) -> None:
+                 count_noise: float | None = None, secure_rng: bool = False) -> None:
         require("dp_accounting")
-        if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-            raise ConfigError(f"must be a finite number >= 0, got {noise_multiplier}",
-                              "privacy.args.noise_multiplier")
-        if not math.isfinite(clip_norm) or clip_norm <= 0:
-            raise ConfigError(f"must be a finite number > 0, got {clip_norm}",
-                              "privacy.args.clip_norm")
+        self.noise_multiplier = checked_number(noise_multiplier, "noise_multiplier", zero=True)
+        self.initial_clip_norm = checked_number(clip_norm, "clip_norm")
+        self.clip_norm = self.initial_clip_norm
+        """C of the next round (adapted after each round with ``adaptive``)."""
         if not 0 < target_delta < 1:
             raise ConfigError(f"must be in (0, 1), got {target_delta}", "privacy.args.target_delta")
         if not 0 < target_quantile < 1:
             raise ConfigError(f"must be in (0, 1), got {target_quantile}",
                               "privacy.args.target_quantile")
-        if not math.isfinite(clip_lr) or clip_lr <= 0:
-            raise ConfigError(f"must be a finite number > 0, got {clip_lr}", "privacy.args.clip_lr")
-        if count_noise is not None and not (math.isfinite(count_noise) and count_noise > 0):
-            raise ConfigError(f"must be a finite number > 0, got {count_noise}",
-                              "privacy.args.count_noise")
-        self.noise_multiplier = float(noise_multiplier)
-        self.initial_clip_norm = float(clip_norm)
-        self.clip_norm = float(clip_norm)
-        """C of the next round (adapted after each round with ``adaptive``)."""
         self.target_delta = target_delta
         self.adaptive = adaptive
         self.target_quantile = target_quantile
-        self.clip_lr = clip_lr
-        self.count_noise = count_noise
+        self.clip_lr = checked_number(clip_lr, "clip_lr")
+        self.count_noise = None if count_noise is None else checked_number(count_noise,
+                                                                          "count_noise")
+        self.secure_rng = bool(secure_rng)
         self.num_clients = 0
         self.num_sampled = 0
         self.seed = 0
+        self.released = 0
+        """Rounds whose noised model was released (redone ones counted again)."""
         self._used_clip = self.clip_norm
 
     @classmethod
@@ -159,15 +171,16 @@ class CentralDP(Privacy):
         """Refuse a server half other than the FedAvg family (robust aggregators and
         algorithms whose extras bypass clipping) and FedAvg's ``drop_stragglers``."""
         require("dp_accounting")
+        checked_secure_rng(cfg)
         server = get("aggregator", cfg.aggregator.type, path="aggregator.type")
-        allowed = [get("aggregator", name) for name in PRIVATE_AGGREGATORS]
+        allowed = [get("aggregator", name) for name in AVERAGING_AGGREGATORS]
         if not (isinstance(server, type) and server in allowed):
             raise ConfigError(
                 f"privacy.type central clips and noises the round's average, which aggregator "
                 f"{cfg.aggregator.type!r} does not compute (or sends per-client extras that "
-                f"clipping would not bound); use one of {', '.join(PRIVATE_AGGREGATORS)}",
+                f"clipping would not bound); use one of {', '.join(AVERAGING_AGGREGATORS)}",
                 "aggregator.type")
-        if cfg.aggregator.args.get("drop_stragglers"):
+        if drops_stragglers(cfg):
             raise ConfigError("privacy.type central counts every sampled client in the "
                               "fixed denominator; drop_stragglers must be false",
                               "aggregator.args.drop_stragglers")
@@ -197,9 +210,9 @@ class CentralDP(Privacy):
                 global_weights: Weights) -> list[ClientUpdate]:
         """The noised average of the clipped updates, as one update (module docstring).
 
-        A ``SecureSum`` (secure aggregation) holds the mean of updates its members clipped
-        themselves (``clip_update`` before masking): it adds ``len(members)`` times that mean
-        to the sum, unclipped again.
+        A ``SecureSum`` (secure aggregation) holds the float64 sum of updates its members
+        clipped themselves (``secagg.updates.clip_target``, before masking): it is added to
+        the sum as it is, unclipped again.
         """
         clip = self.clip_norm
         floating = {k: g.to(torch.float64) for k, g in global_weights.items()
@@ -207,28 +220,36 @@ class CentralDP(Privacy):
         total = {k: torch.zeros_like(g) for k, g in floating.items()}
         unclipped = 0
         for update in updates:
-            delta = {k: update.weights[k].to(torch.float64) - g for k, g in floating.items()}
             if isinstance(update, SecureSum):
-                clipped, count = {k: t * len(update.members) for k, t in delta.items()}, 0
+                clipped, count = update.update_sum, 0
             else:
+                delta = {k: update.weights[k].to(torch.float64) - g for k, g in floating.items()}
                 clipped, was_clipped = clip_update(delta, clip)
                 count = int(not was_clipped)
             unclipped += count
             for k, t in clipped.items():
                 total[k].add_(t)
-        average = self.noised_average(round_num, total, global_weights)
+        average = self.noised_average(total, global_weights)
         self._used_clip = clip
         if self.adaptive:
-            self.adapt_clip(round_num, unclipped)
+            self.adapt_clip(unclipped)
+        self.released += 1
         return [ClientUpdate(AVERAGE_ID, 1, {}, average)]
 
-    def noised_average(self, round_num: int, clipped_sum: Weights,
-                       global_weights: Weights) -> Weights:
+    def _generator(self, *stream: int) -> torch.Generator:
+        """The round's noise generator: from the OS CSPRNG with ``secure_rng``, else from
+        the seed and the release's index (the round number, until a resume redoes a round
+        already released: the redone round then draws fresh noise)."""
+        seed = (secure_seed() if self.secure_rng
+                else derive_seed(self.seed, PRIVACY, self.released + 1, *stream))
+        return torch.Generator().manual_seed(seed)
+
+    def noised_average(self, clipped_sum: Weights, global_weights: Weights) -> Weights:
         """The new weights ``w + (sum + N(0, (z C)^2)) / m`` from ``clipped_sum`` (the sum of
         the round's clipped updates, one float tensor per floating-point key of
-        ``global_weights``): the one place where the update noise is drawn, from the round's
-        own seed. Integer tensors keep the global values."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, PRIVACY, round_num))
+        ``global_weights``): the one place where the update noise is drawn (``_generator``).
+        Integer tensors keep the global values."""
+        generator = self._generator()
         noise = gaussian_noise(clipped_sum, self.update_noise * self.clip_norm, generator)
         average: Weights = {}
         for k, g in global_weights.items():
@@ -239,10 +260,10 @@ class CentralDP(Privacy):
                 average[k] = g.clone()
         return average
 
-    def adapt_clip(self, round_num: int, unclipped: int) -> None:
+    def adapt_clip(self, unclipped: int) -> None:
         """Andrew et al. 2021, Algorithm 1: ``b = (unclipped + N(0, sigma_b^2)) / m``, then
-        ``C <- C exp(-clip_lr (b - target_quantile))`` (noise from the round's own seed)."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, PRIVACY, round_num, 1))
+        ``C <- C exp(-clip_lr (b - target_quantile))`` (noise from ``_generator``)."""
+        generator = self._generator(1)
         noised = unclipped + float(torch.normal(0.0, self.sigma_b, size=(1,),
                                                 generator=generator, dtype=torch.float64))
         fraction = noised / self.num_sampled
@@ -254,13 +275,33 @@ class CentralDP(Privacy):
                                noise_multiplier=self.noise_multiplier, rounds=rounds,
                                target_delta=self.target_delta)
 
+    def epsilon_spent(self) -> float:
+        """Epsilon of the rounds released so far, redone ones included."""
+        return self.epsilon_after(self.released)
+
+    def epsilon_next(self) -> float:
+        """Epsilon once the next round is released."""
+        return self.epsilon_after(self.released + 1)
+
     def round_metrics(self, round_num: int) -> dict[str, float]:
-        """``epsilon`` spent so far and the ``clip_norm`` the round used."""
-        return {"epsilon": self.epsilon_after(round_num), "clip_norm": self._used_clip}
+        """``epsilon`` spent so far, the rounds it counts and the ``clip_norm`` the round
+        used."""
+        return {"epsilon": self.epsilon_spent(), RELEASED: self.released,
+                "clip_norm": self._used_clip}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"clip_norm": self.clip_norm}
+    def count_released(self, rows: Sequence[dict[str, JSON]]) -> None:
+        """Count the rounds released before the resume: the most any row says were, or its
+        round number (a row of a version that did not count)."""
+        for row in rows:
+            count = row.get(RELEASED, row.get("round"))
+            if isinstance(count, int | float) and math.isfinite(count):
+                self.released = max(self.released, int(count))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.clip_norm = float(state.get("clip_norm", self.initial_clip_norm))
+    def state_dict(self) -> dict[str, JSON]:
+        return {"clip_norm": self.clip_norm, "released": self.released}
+
+    def load_state_dict(self, state: dict[str, JSON]) -> None:
+        clip, released = state.get("clip_norm"), state.get("released")
+        self.clip_norm = float(clip) if isinstance(clip, int | float) else self.initial_clip_norm
+        self.released = int(released) if isinstance(released, int) else 0
 

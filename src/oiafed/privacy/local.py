@@ -2,14 +2,27 @@
 Differential Privacy", CCS 2016, Algorithm 1) on every client with Opacus.
 
 Each local step draws a Poisson sample of the client's data (each example independently with
-probability ``q = batch_size / n``, from the fit's seeded generator), computes per-example
-gradients (Opacus's ``GradSampleModule``), clips each to ``max_grad_norm`` and adds
-``N(0, (z max_grad_norm)^2)`` to their sum (Opacus's ``DPOptimizer``, its noise drawn from a
-generator seeded from the client's task seed, so every runtime trains the same). An epoch is
-``round(n / batch_size)`` steps. Each client reports its steps and ``q``; the server keeps
-every client's ``(q, steps)`` history and reports the client's epsilon (Opacus's RDP
+probability ``q = batch_size / n``), computes per-example gradients (Opacus's
+``GradSampleModule``), clips each to ``max_grad_norm`` and adds ``N(0, (z max_grad_norm)^2)``
+to their sum (Opacus's ``DPOptimizer``). An epoch is ``round(n / batch_size)`` steps. As in
+Opacus, ``q`` and the step count derive from the client's data size ``n``, which they (and
+the ``num_samples`` it reports) reveal. Each client reports its steps and ``q``; the server
+keeps every client's ``(q, steps)`` history and reports the client's epsilon (Opacus's RDP
 accountant for Poisson sampling) in its client row, and the largest over all clients so far
-as the round's ``epsilon_max``.
+as the round's ``epsilon_max``. An update without valid steps and ``q`` is left out.
+
+Randomness: by default (``secure_rng: false``) the Poisson samples come from the fit's
+generator and the noise from one seeded from the client's task seed, both derived from the
+config's ``seed`` (which the server knows and sends): every runtime trains the same, and
+whoever has the seed can remove the noise (a simulation's default). With ``secure_rng: true``
+the client draws both from generators seeded with 63 bits of its OS CSPRNG (``secrets``; a
+seeded PyTorch generator, not a CSPRNG stream, as Opacus's ``torchcsprng`` option would be,
+which is not installed) and uses Opacus's ``secure_mode`` (noise robust to floating-point
+attacks); runs are then not reproducible. ``runtime.mode: grpc`` must choose
+(``base.checked_secure_rng``).
+
+Resume: a client's ``(q, steps)`` history is saved with the run's state; steps of rounds
+released after the last save and redone after a resume are not added again (README).
 """
 
 from __future__ import annotations
@@ -17,16 +30,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from oiafed.core.learner import Learner
-from oiafed.core.types import ClientUpdate, Outcome
-from oiafed.exceptions import ConfigError
+from oiafed.core.types import JSON, ClientUpdate, Outcome
+from oiafed.exceptions import ConfigError, PrivacyError
 from oiafed.privacy.accounting import local_epsilon
-from oiafed.privacy.base import Privacy, PrivateTraining, require
+from oiafed.privacy.base import (
+    Privacy,
+    PrivateTraining,
+    checked_number,
+    checked_secure_rng,
+    require,
+    secure_seed,
+)
 from oiafed.registry import get, register
 from oiafed.seeding import PRIVACY, derive_seed
 
@@ -40,6 +60,9 @@ SAMPLE_RATE = "dp_sample_rate"
 """The update metric holding the client's Poisson sample rate ``q``."""
 GRADIENT_HOOKS = ("training_step", "before_optimizer_step")
 """Learner hooks whose gradients per-example clipping would not see (so not allowed)."""
+EXTRAS_HOOKS = ("fit", "train_epoch", "end_fit")
+"""Learner hooks that may train outside DP-SGD or send what it did not train (allowed if
+``extras_under_dp``)."""
 
 
 class DPSGDTraining:
@@ -48,11 +71,16 @@ class DPSGDTraining:
     Args:
         noise_multiplier: z.
         max_grad_norm: the per-example clip norm.
+        secure_rng: Poisson samples and noise from the OS CSPRNG (module docstring).
     """
 
-    def __init__(self, noise_multiplier: float, max_grad_norm: float) -> None:
+    def __init__(self, noise_multiplier: float, max_grad_norm: float,
+                 secure_rng: bool = False) -> None:
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
+        self.secure_rng = secure_rng
+        self._sampling: torch.Generator | None = None
+        """The Poisson samples' generator with ``secure_rng`` (else the fit's)."""
         self.sample_rate = 1.0
         self.steps = 0
         self._steps_per_epoch = 1
@@ -73,17 +101,21 @@ class DPSGDTraining:
         self._steps_per_epoch = max(1, round(n / learner.batch_size))
         self.steps = 0
         generator = torch.Generator(device=learner.device)
-        generator.manual_seed(derive_seed(seed, PRIVACY))
+        generator.manual_seed(secure_seed() if self.secure_rng else derive_seed(seed, PRIVACY))
+        self._sampling = (torch.Generator().manual_seed(secure_seed()) if self.secure_rng
+                          else None)
         learner.optimizer = optimizers.DPOptimizer(
             learner.optimizer, noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
-            expected_batch_size=max(1, round(self.sample_rate * n)), generator=generator)
+            expected_batch_size=max(1, round(self.sample_rate * n)), generator=generator,
+            secure_mode=self.secure_rng)
 
     def train_epoch(self, learner: Learner, data: ArrayDataset,
                     generator: torch.Generator) -> dict[str, float]:
         """``round(n / batch_size)`` DP-SGD steps on Poisson samples of ``data``."""
         assert self._wrapped is not None
         self._wrapped.train()
+        generator = self._sampling or generator
         loss_sum, correct, seen = 0.0, 0, 0
         with warnings.catch_warnings():
             # Opacus's hooks on a first layer whose input needs no gradient: expected, harmless
@@ -128,7 +160,16 @@ class DPSGDTraining:
         return found
 
     def end(self, learner: Learner, update: ClientUpdate) -> None:
-        """Report the steps and sample rate the server's accountant needs."""
+        """Report the steps and sample rate the server's accountant needs.
+
+        Raises:
+            PrivacyError: when the fit took no DP-SGD step or its learner counted other steps
+                than DP-SGD took (it trained outside DP-SGD: nothing is sent).
+        """
+        if self.steps == 0 or learner.steps != self.steps:
+            raise PrivacyError(
+                f"local DP: the learner {type(learner).__name__} took {learner.steps} step(s), "
+                f"DP-SGD {self.steps}: it trained outside DP-SGD, so its update is not sent")
         update.metrics[STEPS] = float(self.steps)
         update.metrics[SAMPLE_RATE] = self.sample_rate
 
@@ -140,13 +181,19 @@ class LocalDP(Privacy):
 
     It composes with any server half and with every client half that leaves the loss and the
     gradients to the learner (``training_step`` and ``before_optimizer_step`` not
-    overridden: per-example clipping would not see what they add), in 32-bit precision,
-    without personal evaluation (``data.local_test_fraction``).
+    overridden: per-example clipping would not see what they add), that trains only through
+    DP-SGD and sends only what it trained (``fit``, ``train_epoch`` and ``end_fit`` not
+    overridden, or ``Learner.extras_under_dp``: not Ditto, whose personal model trains
+    outside DP-SGD), in 32-bit precision, without personal evaluation
+    (``data.local_test_fraction``). A fit that took no DP-SGD step, or other steps than
+    DP-SGD's, raises on the client (``PrivacyError``): nothing is sent.
 
     Args:
         noise_multiplier: z, the noise std over ``max_grad_norm``.
         max_grad_norm: the per-example gradient clip norm.
         target_delta: the delta of the epsilons reported.
+        secure_rng: the clients' Poisson samples and noise from their OS CSPRNG, not from
+            the seed (module docstring; required under ``runtime.mode: grpc``).
 
     Raises:
         ConfigError: naming the argument out of range; ``privacy.type`` when Opacus is not
@@ -161,28 +208,24 @@ class LocalDP(Privacy):
     """
 
     def __init__(self, noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
-                 target_delta: float = 1e-5) -> None:
+                 target_delta: float = 1e-5, secure_rng: bool = False) -> None:
         require("opacus")
-        if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-            raise ConfigError(f"must be a finite number >= 0, got {noise_multiplier}",
-                              "privacy.args.noise_multiplier")
-        if not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
-            raise ConfigError(f"must be a finite number > 0, got {max_grad_norm}",
-                              "privacy.args.max_grad_norm")
+        self.noise_multiplier = checked_number(noise_multiplier, "noise_multiplier", zero=True)
+        self.max_grad_norm = checked_number(max_grad_norm, "max_grad_norm")
         if not 0 < target_delta < 1:
             raise ConfigError(f"must be in (0, 1), got {target_delta}", "privacy.args.target_delta")
-        self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
         self.target_delta = target_delta
+        self.secure_rng = bool(secure_rng)
         self.history: dict[str, list[list[float]]] = {}
         """Client id -> its ``[sample_rate, steps]`` pairs (one per sample rate)."""
         self.epsilon_max = 0.0
 
     @classmethod
     def check_config(cls, cfg: ExperimentConfig) -> None:
-        """Refuse a learner whose loss or gradients per-example clipping would not bound,
-        and reduced precision."""
+        """Refuse a learner whose loss or gradients per-example clipping would not bound, or
+        that trains outside DP-SGD or sends what it did not train, and reduced precision."""
         require("opacus")
+        checked_secure_rng(cfg)
         learner = get("learner", cfg.learner.type, path="learner.type")
         if not (isinstance(learner, type) and issubclass(learner, Learner)):
             raise ConfigError(f"privacy.type local trains with oiafed's Learner; "
@@ -194,6 +237,16 @@ class LocalDP(Privacy):
                 f"privacy.type local clips per-example gradients, but learner "
                 f"{cfg.learner.type!r} (aggregator {cfg.aggregator.type!r}) changes the loss "
                 f"or gradients in {', '.join(changed)}, which that clipping would not bound",
+                "learner.type")
+        sends = [hook for hook in EXTRAS_HOOKS
+                 if getattr(learner, hook) is not getattr(Learner, hook)]
+        if sends and not learner.extras_under_dp:
+            raise ConfigError(
+                f"privacy.type local covers what DP-SGD trains, but learner "
+                f"{cfg.learner.type!r} (aggregator {cfg.aggregator.type!r}) overrides "
+                f"{', '.join(sends)} and may train outside DP-SGD or send what it trains "
+                "there (Ditto's personal model, say); drop privacy.type local or use another "
+                "learner.type",
                 "learner.type")
         if cfg.precision != "32":
             raise ConfigError(f"privacy.type local trains in 32-bit precision; got "
@@ -214,18 +267,27 @@ class LocalDP(Privacy):
                 "Use a model without these layers (GroupNorm for BatchNorm, say)", "model.type")
 
     def client_training(self) -> PrivateTraining:
-        return DPSGDTraining(self.noise_multiplier, self.max_grad_norm)
+        return DPSGDTraining(self.noise_multiplier, self.max_grad_norm, self.secure_rng)
+
+    def update_problem(self, update: ClientUpdate) -> str | None:
+        """Why the accountant cannot count ``update``: no ``dp_sample_rate`` in (0, 1] or no
+        whole ``dp_steps`` >= 1 (the trainer leaves it out)."""
+        rate, steps = update.metrics.get(SAMPLE_RATE), update.metrics.get(STEPS)
+        if not (isinstance(rate, float) and 0 < rate <= 1):
+            return f"local DP: {SAMPLE_RATE} must be a number in (0, 1], got {rate!r}"
+        if not (isinstance(steps, float) and math.isfinite(steps) and steps >= 1
+                and steps.is_integer()):
+            return f"local DP: {STEPS} must be a whole number >= 1, got {steps!r}"
+        return None
 
     def observe(self, round_num: int, outcomes: Sequence[Outcome]) -> None:
         """Add each reporting client's steps to its history; put its ``epsilon`` in its
-        metrics (its client row) and raise ``epsilon_max``."""
+        metrics (its client row) and raise ``epsilon_max``. An update the accountant cannot
+        count (``update_problem``) is skipped: the trainer leaves it out."""
         for outcome in outcomes:
-            if not isinstance(outcome, ClientUpdate):
+            if not isinstance(outcome, ClientUpdate) or self.update_problem(outcome):
                 continue
-            rate, steps = outcome.metrics.get(SAMPLE_RATE), outcome.metrics.get(STEPS)
-            if not (isinstance(rate, float) and isinstance(steps, float)
-                    and 0 < rate <= 1 and steps >= 0):
-                continue  # a malformed update (the trainer leaves it out)
+            rate, steps = float(outcome.metrics[SAMPLE_RATE]), float(outcome.metrics[STEPS])
             history = [list(pair) for pair in self.history.get(outcome.client_id, [])]
             for pair in history:
                 if pair[0] == rate:
@@ -243,11 +305,11 @@ class LocalDP(Privacy):
     def round_metrics(self, round_num: int) -> dict[str, float]:
         return {"epsilon_max": self.epsilon_max}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, JSON]:
         return {"history": {cid: [list(p) for p in pairs] for cid, pairs in self.history.items()},
                 "epsilon_max": self.epsilon_max}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, JSON]) -> None:
         self.history = {cid: [list(p) for p in pairs]
                         for cid, pairs in state.get("history", {}).items()}
         self.epsilon_max = float(state.get("epsilon_max", 0.0))

@@ -4,13 +4,13 @@ one of them runs)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from rich.console import Console
 from rich.measure import Measurement
 
 
-def add_report_commands(commands: Any) -> None:
+def add_report_commands(
+        commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``report`` and ``compare`` to the ``oiafed`` subcommands (``commands``: what
     ``ArgumentParser.add_subparsers`` returned)."""
     report = commands.add_parser(

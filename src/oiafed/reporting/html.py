@@ -13,8 +13,9 @@ from typing import Any
 from oiafed.reporting.plots import Plot
 from oiafed.reporting.runs import RunRecord
 
-SHOWN_METRICS = ("accuracy", "loss", "train_accuracy", "train_loss", "lr", "num_clients",
-                 "round_time")
+SHOWN_METRICS = ("accuracy", "loss", "train_accuracy", "train_loss", "personal_accuracy",
+                 "personal_accuracy_median", "personal_accuracy_p10", "personal_accuracy_min",
+                 "personal_loss", "personal_clients", "lr", "num_clients", "round_time")
 LOG_TAIL_LINES = 40
 """The last lines of ``run.log`` a failed run's report shows."""
 

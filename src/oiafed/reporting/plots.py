@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -42,6 +42,11 @@ def report_plots(record: RunRecord) -> list[Plot]:
             plots.append(Plot(f"{metric}.png", metric.capitalize(),
                               f"global test {metric} (and the clients' training {metric}) "
                               "by round", _metric_drawer(metric, train)))
+    if record.series("personal_accuracy")[0]:
+        plots.append(Plot("personal_accuracy.png", "Personal accuracy",
+                          "the clients' personal models on their local test sets by round: "
+                          "the sample-weighted mean, the median client, the 10th percentile "
+                          "and the worst client", _draw_personal))
     if record.series("round_time")[0]:
         plots.append(Plot("round_time.png", "Round time",
                           "seconds each round took", _draw_round_time))
@@ -88,21 +93,23 @@ def label_counts(record: RunRecord) -> tuple[list[str], np.ndarray] | None:
 
 def overlay(records: Sequence[RunRecord], metric: str) -> Figure:
     """``metric`` by round of each run, one line each, labelled by its folder as given."""
-    figure, axes = _figure(8, 4.5)
+    figure, axes = new_figure(8, 4.5)
     for record in records:
         xs, ys = record.series(metric)
         axes.plot(xs, ys, marker="." if len(xs) < 50 else None, label=str(record.path))
-    _label(axes, f"{metric} by round", "round", metric)
+    label_axes(axes, f"{metric} by round", "round", metric)
     axes.legend(fontsize="small")
     return figure
 
 
-def _figure(width: float = 7, height: float = 4) -> tuple[Figure, Any]:
+def new_figure(width: float = 7, height: float = 4) -> tuple[Figure, Axes]:
+    """A figure of ``width`` x ``height`` inches with one pair of axes."""
     figure = Figure(figsize=(width, height), layout="constrained")
     return figure, figure.add_subplot()
 
 
-def _label(axes: Any, title: str, xlabel: str, ylabel: str) -> None:
+def label_axes(axes: Axes, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels and a light grid (whole numbers on a ``round`` axis)."""
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -113,7 +120,7 @@ def _label(axes: Any, title: str, xlabel: str, ylabel: str) -> None:
 
 def _metric_drawer(metric: str, train: str) -> Callable[[RunRecord], Figure]:
     def draw(record: RunRecord) -> Figure:
-        figure, axes = _figure()
+        figure, axes = new_figure()
         for name, label in ((metric, f"test {metric} (global model)"),
                             (train, f"train {metric} (clients)")):
             xs, ys = record.series(name)
@@ -122,31 +129,50 @@ def _metric_drawer(metric: str, train: str) -> Callable[[RunRecord], Figure]:
         if record.best_round is not None and metric == "accuracy":
             axes.axvline(record.best_round, color="grey", linestyle=":",
                          label=f"best round ({record.best_round})")
-        _label(axes, f"{metric} by round", "round", metric)
+        label_axes(axes, f"{metric} by round", "round", metric)
         axes.legend(fontsize="small")
         return figure
 
     return draw
 
 
+PERSONAL_SERIES = (("personal_accuracy", "mean (sample-weighted)"),
+                   ("personal_accuracy_median", "median client"),
+                   ("personal_accuracy_p10", "10th percentile client"),
+                   ("personal_accuracy_min", "worst client"))
+"""The personal accuracy plot's lines: the metric and its label."""
+
+
+def _draw_personal(record: RunRecord) -> Figure:
+    figure, axes = new_figure()
+    for name, label in PERSONAL_SERIES:
+        xs, ys = record.series(name)
+        if xs:
+            axes.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label,
+                      linestyle="-" if name == "personal_accuracy" else "--")
+    label_axes(axes, "personal accuracy by round", "round", "accuracy")
+    axes.legend(fontsize="small")
+    return figure
+
+
 def _draw_round_time(record: RunRecord) -> Figure:
-    figure, axes = _figure()
+    figure, axes = new_figure()
     xs, ys = record.series("round_time")
     axes.plot(xs, ys, marker="." if len(xs) < 50 else None)
-    _label(axes, "round time", "round", "seconds")
+    label_axes(axes, "round time", "round", "seconds")
     return figure
 
 
 def _draw_lr(record: RunRecord) -> Figure:
-    figure, axes = _figure()
+    figure, axes = new_figure()
     xs, ys = record.series("lr")
     axes.step(xs, ys, where="post")
-    _label(axes, "learning rate", "round", "lr")
+    label_axes(axes, "learning rate", "round", "lr")
     return figure
 
 
 def _draw_sampling(record: RunRecord) -> Figure:
-    figure, axes = _figure()
+    figure, axes = new_figure()
     ids = sorted(record.times_sampled, key=_natural)
     counts = np.array([record.times_sampled[cid] for cid in ids])
     if len(ids) <= MAX_BAR_CLIENTS:
@@ -158,11 +184,11 @@ def _draw_sampling(record: RunRecord) -> Figure:
             axes.legend(fontsize="small")
         axes.set_xticks(positions, ids if len(ids) <= 30 else [""] * len(ids),
                         rotation=90, fontsize="small")
-        _label(axes, f"rounds each client was sampled in ({len(ids)} clients)", "client",
+        label_axes(axes, f"rounds each client was sampled in ({len(ids)} clients)", "client",
                "rounds")
     else:
         axes.hist(counts, bins=min(50, max(1, int(counts.max() - counts.min()) + 1)))
-        _label(axes, f"how often clients were sampled ({len(ids)} clients sampled)",
+        label_axes(axes, f"how often clients were sampled ({len(ids)} clients sampled)",
                "rounds sampled in", "clients")
     return figure
 
@@ -173,7 +199,7 @@ def _draw_labels(record: RunRecord) -> Figure:
     ids, table = found
     recorded = len((record.partition or {}).get("clients", {}))
     total = (record.partition or {}).get("num_clients", recorded)
-    figure, axes = _figure(7, max(3.0, min(12.0, 1.5 + 0.18 * len(ids))))
+    figure, axes = new_figure(7, max(3.0, min(12.0, 1.5 + 0.18 * len(ids))))
     image = axes.imshow(table, aspect="auto", cmap="viridis", interpolation="nearest")
     figure.colorbar(image, ax=axes, label="samples")
     if table.size <= MAX_ANNOTATED_CELLS:
@@ -185,7 +211,7 @@ def _draw_labels(record: RunRecord) -> Figure:
     axes.set_yticks(range(len(ids)), ids if len(ids) <= 40 else [""] * len(ids),
                     fontsize="small")
     shown = f"{len(ids)} of {total} clients" if len(ids) < total else f"{len(ids)} clients"
-    _label(axes, f"label counts per client ({shown})", "class", "client")
+    label_axes(axes, f"label counts per client ({shown})", "class", "client")
     axes.grid(False)
     return figure
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from oiafed.exceptions import InputError, NotARunFolder
+from oiafed.jsonl import iter_jsonl, read_jsonl
 from oiafed.run_folder import CLIENTS, CONFIG, METRICS, PARTITION, SUMMARY
 
 Status = Literal["completed", "stopped", "failed", "interrupted", "in progress"]
@@ -106,8 +106,9 @@ class MetricSummary:
     rounds_to_target: int | None = None
 
 
-def read_run(run_dir: str | Path) -> RunRecord:
-    """Read the run folder ``run_dir``.
+def read_run(run_dir: str | Path, *, clients: bool = True) -> RunRecord:
+    """Read the run folder ``run_dir``; without ``clients``, ``clients.jsonl`` is not read
+    (``times_sampled`` and ``times_failed`` stay empty).
 
     Raises:
         NotARunFolder: when ``run_dir`` is not a folder, or holds no ``config.yaml``.
@@ -128,8 +129,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if not isinstance(config, dict):
         raise InputError(f"{path / CONFIG} does not hold a config (a mapping)")
     rounds = [row for row in read_jsonl(path / METRICS) if isinstance(row.get("round"), int)]
-    sampled, failed = _client_counts(path / CLIENTS)
-    summary = _read_json(path / SUMMARY)
+    sampled, failed = _client_counts(path / CLIENTS) if clients else ({}, {})
+    summary = read_summary(path)
     last = int(rounds[-1]["round"]) if rounds else 0
     if summary is not None and summary.get("rounds_completed") != last:
         summary = None  # an earlier session's summary (a resumed run that is going on)
@@ -139,7 +140,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     return RunRecord(
         path=path, config=config, config_text=config_text, rounds=rounds,
         times_sampled=sampled, times_failed=failed, partition=_read_json(path / PARTITION),
-        summary=summary, status=_status(summary, stop_reason), stop_reason=stop_reason,
+        summary=summary, status=summary_status(summary), stop_reason=stop_reason,
         best_round=best if isinstance(best, int) else None,
         wall_time=wall if wall is not None else sum(
             _number(row.get("round_time")) or 0.0 for row in rounds),
@@ -175,39 +176,6 @@ def summarize(record: RunRecord, metric: str = "accuracy", target: float | None 
         target=target, rounds_to_target=reached)
 
 
-def read_jsonl(file: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (none when it does not exist). A last line cut
-    short (a run writing it, or killed while it did) is skipped.
-
-    Raises:
-        InputError: naming the file and line, for another line that is not a JSON object.
-    """
-    return list(iter_jsonl(file))
-
-
-def iter_jsonl(file: Path) -> Iterator[dict[str, Any]]:
-    """``read_jsonl`` one row at a time (a file of any size in constant memory)."""
-    try:
-        handle = open(file, encoding="utf-8")  # noqa: SIM115 - closed by the with below
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise InputError(f"cannot read {file}: {exc.strerror or exc}") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if not line.endswith("\n"):
-                    return  # the last line, being written
-                raise InputError(f"{file} line {number} is not JSON") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{file} line {number} is not a JSON object")
-            yield row
-
-
 def _client_counts(file: Path) -> tuple[dict[str, int], dict[str, int]]:
     sampled: Counter[str] = Counter()
     failed: Counter[str] = Counter()
@@ -220,8 +188,16 @@ def _client_counts(file: Path) -> tuple[dict[str, int], dict[str, int]]:
     return dict(sampled), dict(failed)
 
 
-def _status(summary: dict[str, Any] | None, stop_reason: str | None) -> Status:
-    if summary is None or stop_reason is None:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` (None when it has none yet), as written: it may describe an
+    earlier session of a resumed run (``read_run`` checks it against ``metrics.jsonl``)."""
+    return _read_json(run_dir / SUMMARY)
+
+
+def summary_status(summary: dict[str, Any] | None) -> Status:
+    """The status a run's ``summary.json`` gives (``in progress`` without one)."""
+    stop_reason = summary.get("stop_reason") if summary else None
+    if not isinstance(stop_reason, str) or not stop_reason:
         return "in progress"
     if stop_reason == "completed":
         return "completed"

@@ -30,9 +30,17 @@ from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
 from oiafed.device import CPU, apply_determinism, learner_device_name, resolve_device
 from oiafed.exceptions import ConfigError, InputError
+from oiafed.privacy.base import Privacy
 from oiafed.runtime.envelope import decode_client, decode_round, pack_update
 from oiafed.runtime.tensors import Payload
 from oiafed.seeding import INIT, derive_seed
+
+
+def _trains_privately(privacy_type: str) -> bool:
+    """Whether a ``privacy:`` section of this type changes the clients' training (local DP;
+    central DP is all on the server, and its accounting library is not needed here)."""
+    kind = registry.get("privacy", privacy_type, path="privacy.type")
+    return getattr(kind, "client_training", None) is not Privacy.client_training
 
 
 class ModelInput(Protocol):
@@ -156,7 +164,7 @@ class ClientWorker:
             callbacks = CallbackManager(build_callbacks(cfg), strict=cfg.strict)
         learner = registry.build("learner", cfg.learner.model_dump(), "learner")
         learner.setup(model, callbacks)
-        if cfg.privacy is not None:
+        if cfg.privacy is not None and _trains_privately(cfg.privacy.type):
             privacy = registry.build("privacy", cfg.privacy.model_dump(), "privacy")
             learner.private_training = privacy.client_training()
         place = getattr(learner, "place", None)
@@ -194,7 +202,7 @@ class ClientWorker:
         started = time.perf_counter()
         extras = {"tensors": {**task.extra_tensors, **client.extra_tensors},
                   "values": {**task.extra_values, **client.extra_values}}
-        if extras and extras["values"].get(TASK) == EVALUATE:
+        if extras["values"].get(TASK) == EVALUATE:
             return await self.evaluate(task, client, extras)
         if not (extras["tensors"] or extras["values"]):
             extras = {}  # a user's learner without the keywords still trains FedAvg

@@ -16,17 +16,11 @@ import os
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
 
 from oiafed.exceptions import SecureAggregationError
 
@@ -38,12 +32,14 @@ SHARE_LABEL = b"oiafed-secagg/v1 share encryption"
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
     """The raw 32-byte public key of ``key``."""
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
 
 
 def private_bytes(key: X25519PrivateKey) -> bytes:
     """The raw 32-byte private key (what Shamir shares)."""
-    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
 
 
 def agree(key: X25519PrivateKey, peer: bytes) -> bytes:

@@ -13,7 +13,8 @@ step  from            data
                       "mask"}}}``
 3     client          SHARES: ``{"shares": {recipient: b64 ciphertext}}``
 4     server          ROUTED: ``{"shares": {sender: b64 ciphertext}}``
-\\-    client          the masked input, as the task's update (``encode_masked``)
+\\-    client          the masked input, as the task's update (``encode_masked``; its header
+                      names the session, round and sender)
 5     server          SURVIVORS: ``{"survivors": [id, ...]}``
 6     client          UNMASK: ``{"shares": {id: ["seed" | "mask_key", hex]}}``
 ====  ==============  =========================================================================
@@ -34,6 +35,7 @@ from oiafed.client_state import CLIENT_ID_PATTERN
 from oiafed.exceptions import SecureAggregationError, WireError
 from oiafed.runtime.envelope import PROTOCOL
 from oiafed.runtime.tensors import Payload, decode_payload
+from oiafed.secagg import quantize
 from oiafed.secagg.crypto import KEY_BYTES
 from oiafed.secagg.protocol import PublicKeys, RoundParams
 from oiafed.secagg.shamir import PRIME
@@ -86,7 +88,12 @@ def decode_keys(data: bytes) -> tuple[RoundParams, Encoding, dict[str, PublicKey
     if clip is not None and (not isinstance(clip, int | float) or isinstance(clip, bool)
                              or not 0 < clip < 2**62):
         raise SecureAggregationError("KEYS: clip_norm must be a positive number or null")
-    encoding = Encoding(float(bound), _int(obj, "precision_bits"), obj.get("weighted") is True,
+    bits = _int(obj, "precision_bits")
+    if not 1 <= bits <= quantize.MAX_PRECISION_BITS or not quantize.fits(1, bound, bits):
+        raise SecureAggregationError(f"KEYS: precision_bits must be in "
+                                     f"1..{quantize.MAX_PRECISION_BITS} with "
+                                     f"bound * 2**precision_bits < 2**63")
+    encoding = Encoding(float(bound), bits, obj.get("weighted") is True,
                         None if clip is None else float(clip))
     return params, encoding, {cid: PublicKeys(_key(k, "cipher"), _key(k, "mask"))
                               for cid, k in keys.items()}
@@ -139,20 +146,23 @@ def decode_unmask(data: bytes) -> dict[str, tuple[str, int]]:
     return out
 
 
-def encode_masked(client_id: str, round_num: int, y: np.ndarray) -> Payload:
-    """The masked input ``y`` (uint64) as a payload (an int64 tensor of the same bits)."""
-    header = json.dumps({"v": PROTOCOL, "kind": MASKED, "client_id": client_id,
-                         "round": round_num}, separators=(",", ":"))
+def encode_masked(params: RoundParams, client_id: str, y: np.ndarray) -> Payload:
+    """The masked input ``y`` (uint64) of ``client_id`` as a payload (an int64 tensor of the
+    same bits), its header naming the session, round and sender. The header is not a MAC:
+    against a network attacker the stream's TLS protects it (module ``runtime.grpc.auth``)."""
+    header = json.dumps({"v": PROTOCOL, "kind": MASKED, "session": _b64(params.session),
+                         "round": params.round_num, "client_id": client_id},
+                        separators=(",", ":"))
     return Payload({MASKED: torch.from_numpy(y.view(np.int64))}, {"oiafed": header})
 
 
-def decode_masked(data: bytes | bytearray | memoryview, client_id: str, round_num: int
+def decode_masked(data: bytes | bytearray | memoryview, params: RoundParams, client_id: str
                   ) -> np.ndarray:
-    """The masked input in ``encode_masked``'s bytes, which must be ``client_id``'s for
-    ``round_num``.
+    """The masked input in ``encode_masked``'s bytes, which must be ``client_id``'s for the
+    session and round of ``params``.
 
     Raises:
-        SecureAggregationError: on another kind, client, round, or tensor layout.
+        SecureAggregationError: on another kind, session, round, client, or tensor layout.
     """
     try:
         tensors, metadata = decode_payload(data)
@@ -161,9 +171,11 @@ def decode_masked(data: bytes | bytearray | memoryview, client_id: str, round_nu
         raise SecureAggregationError(f"a masked input that is not one: {exc}") from None
     if not isinstance(header, dict) or header.get("v") != PROTOCOL or header.get("kind") != MASKED:
         raise SecureAggregationError("a masked input of another kind or protocol version")
-    if header.get("client_id") != client_id or header.get("round") != round_num:
-        raise SecureAggregationError(f"a masked input for {header.get('client_id')!r:.80}, "
-                                     f"round {header.get('round')!r:.20}: a replayed message")
+    if (header.get("session") != _b64(params.session) or header.get("round") != params.round_num
+            or header.get("client_id") != client_id):
+        raise SecureAggregationError(f"a masked input of {header.get('client_id')!r:.80} for "
+                                     f"another session or round (round "
+                                     f"{header.get('round')!r:.20}): a replayed message")
     tensor = tensors.get(MASKED)
     if set(tensors) != {MASKED} or tensor is None or tensor.dtype != torch.int64 or tensor.dim() != 1:
         raise SecureAggregationError("a masked input must be one int64 vector")

@@ -95,10 +95,6 @@ def associated_data(params: RoundParams, sender: str, recipient: str) -> bytes:
                       recipient.encode()])
 
 
-def mask_vector(seed: bytes, length: int) -> np.ndarray:
-    return prg(seed, length)
-
-
 class ClientRound:
     """Client ``client_id``'s half of one round (Bonawitz et al., Figure 4, "User")."""
 
@@ -137,7 +133,8 @@ class ClientRound:
         own = keys.get(self.client_id)
         if own != PublicKeys(public_bytes(self._cipher_key), public_bytes(self._mask_key)):
             raise SecureAggregationError("the server's key list does not hold this client's keys")
-        if len({k.cipher for k in keys.values()}) != len(keys):
+        advertised = [key for k in keys.values() for key in (k.cipher, k.mask)]
+        if len(set(advertised)) != len(advertised):
             raise SecureAggregationError("two clients advertised the same key")
         self.params, self._keys = params, dict(keys)
         xs = coordinates(keys)
@@ -164,7 +161,7 @@ class ClientRound:
                 replayed), a sender that advertised no keys, or fewer than ``t`` senders.
         """
         self._advance(2)
-        params = self._params()
+        params = self.round_params()
         if x.dtype != np.uint64 or x.shape != (params.length,):
             raise SecureAggregationError(f"the input must be {params.length} uint64 values")
         for sender, blob in ciphertexts.items():
@@ -180,10 +177,10 @@ class ClientRound:
         if len(self._members2) < params.threshold:
             raise SecureAggregationError(f"{len(self._members2)} clients shared keys; the "
                                          f"threshold is {params.threshold}")
-        y = x + mask_vector(self._seed, params.length)
+        y = x + prg(self._seed, params.length)
         for peer in self._members2:
             if peer != self.client_id:
-                pairwise = mask_vector(self._pair_seed(peer), params.length)
+                pairwise = prg(self._pair_seed(peer), params.length)
                 y = y + pairwise if self.client_id < peer else y - pairwise
         return y
 
@@ -196,7 +193,7 @@ class ClientRound:
                 this one, or has fewer than ``t``.
         """
         self._advance(3)
-        params = self._params()
+        params = self.round_params()
         members = set(self._members2)
         alive = set(survivors)
         if not alive <= members or self.client_id not in alive or len(alive) < params.threshold:
@@ -213,18 +210,23 @@ class ClientRound:
                                          f"{self._step}): a replayed or repeated message")
         self._step += 1
 
-    def _params(self) -> RoundParams:
+    def round_params(self) -> RoundParams:
+        """The round's parameters, once the server's keys came (``share_keys``).
+
+        Raises:
+            SecureAggregationError: before then.
+        """
         if self.params is None:
             raise SecureAggregationError("no round parameters yet")
         return self.params
 
     def _share_key(self, peer: str) -> bytes:
         return derive(agree(self._cipher_key, self._keys[peer].cipher), SHARE_LABEL,
-                      self._params().context())
+                      self.round_params().context())
 
     def _pair_seed(self, peer: str) -> bytes:
         return derive(agree(self._mask_key, self._keys[peer].mask), MASK_LABEL,
-                      self._params().context())
+                      self.round_params().context())
 
 
 class ServerRound:
@@ -262,6 +264,10 @@ class ServerRound:
         self.ciphertexts[cid] = dict(ciphertexts)
 
     def masked_input(self, cid: str, y: np.ndarray) -> None:
+        """Take ``cid``'s masked input; refused once the survivors are named (too late)."""
+        if self._survivors is not None:
+            raise SecureAggregationError(f"{cid}'s masked input came after the survivors were "
+                                         "named: too late for this round")
         self._check(cid, self.ciphertexts, self.masked, "send a masked input")
         if y.dtype != np.uint64 or y.shape != (self.params.length,):
             raise SecureAggregationError(f"{cid}'s masked input is not {self.params.length} "
@@ -269,11 +275,15 @@ class ServerRound:
         self.masked[cid] = y
 
     def unmasked(self, cid: str, shares: Mapping[str, tuple[str, int]]) -> None:
+        """Take ``cid``'s unmasking shares: one for every member of ``U2``, of the seed of
+        each survivor and the mask key of each dropped client."""
         survivors = set(self.survivors())
         self._check(cid, survivors, self.unmasking, "send unmasking shares")
+        if set(shares) != set(self.ciphertexts):
+            raise SecureAggregationError(f"{cid} sent shares for other clients than the round's "
+                                         "members")
         for peer, (kind, _) in shares.items():
-            expected = "seed" if peer in survivors else "mask_key"
-            if peer not in self.ciphertexts or kind != expected:
+            if kind != ("seed" if peer in survivors else "mask_key"):
                 raise SecureAggregationError(f"{cid} sent a {kind!r:.20} share for {peer!r:.80}")
         self.unmasking[cid] = dict(shares)
 
@@ -321,9 +331,9 @@ class ServerRound:
         """``sum_{u in U3} x_u`` in Z_{2**64}.
 
         Raises:
-            SecureAggregationFailed: when fewer than ``t`` clients sent unmasking shares.
-            SecureAggregationError: when the shares rebuild a key other than the one
-                advertised (inconsistent shares).
+            SecureAggregationFailed: when fewer than ``t`` clients sent unmasking shares, or
+                the shares rebuild no key or another key than the one advertised
+                (inconsistent shares).
         """
         survivors = self.survivors()
         self._enough(self.unmasking, "sent unmasking shares")
@@ -331,31 +341,38 @@ class ServerRound:
         xs = coordinates(self.keys)
         length = self.params.length
         total = np.zeros(length, dtype=np.uint64)
-        for y in self.masked.values():
-            total += y
+        for u in survivors:
+            total += self.masked[u]
         for u in survivors:
             seed = self._rebuild(u, "seed", xs)
-            total -= mask_vector(seed.to_bytes(KEY_BYTES, "big"), length)
+            total -= prg(seed.to_bytes(KEY_BYTES, "big"), length)
         for v in sorted(set(self.ciphertexts) - set(survivors)):  # dropped after sharing
             secret = self._rebuild(v, "mask_key", xs).to_bytes(KEY_BYTES, "big")
             key = X25519PrivateKey.from_private_bytes(secret)
             if public_bytes(key) != self.keys[v].mask:
-                raise SecureAggregationError(f"the shares of {v}'s mask key rebuild another key")
+                raise self._failed(f"the shares of {v}'s mask_key rebuild another key")
             for u in survivors:  # remove u's pairwise mask with v: u added it as delta_uv
-                pairwise = mask_vector(derive(agree(key, self.keys[u].mask), MASK_LABEL,
-                                              context), length)
+                pairwise = prg(derive(agree(key, self.keys[u].mask), MASK_LABEL, context),
+                               length)
                 total = total - pairwise if u < v else total + pairwise
         return total
 
     # -- plumbing --------------------------------------------------------------------------
 
     def _rebuild(self, owner: str, kind: str, xs: Mapping[str, int]) -> int:
-        shares = {xs[holder]: given[owner][1] for holder, given in self.unmasking.items()
-                  if owner in given and given[owner][0] == kind}
-        secret = shamir.reconstruct(shares, self.params.threshold)
+        """``owner``'s ``kind`` secret from the unmasking answers (each holds a share of it)."""
+        shares = {xs[holder]: given[owner][1] for holder, given in self.unmasking.items()}
+        try:
+            secret = shamir.reconstruct(shares, self.params.threshold)
+        except SecureAggregationError as exc:
+            raise self._failed(f"the shares of {owner}'s {kind}: {exc}") from exc
         if secret >= 1 << (8 * KEY_BYTES):
-            raise SecureAggregationError(f"the shares of {owner}'s {kind} rebuild no key")
+            raise self._failed(f"the shares of {owner}'s {kind} rebuild no key")
         return secret
+
+    def _failed(self, why: str) -> SecureAggregationFailed:
+        return SecureAggregationFailed(f"round {self.params.round_num}: secure aggregation "
+                                       f"cannot unmask the sum: {why} (inconsistent shares)")
 
     def _check(self, cid: str, allowed: Collection[str], done: Mapping[str, object],
                what: str) -> None:

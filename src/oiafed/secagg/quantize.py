@@ -4,24 +4,35 @@ A client's float values ``v`` are clipped to ``[-bound, bound]``, rounded to the
 multiple of ``2**-precision_bits`` and multiplied by the client's integer weight ``w`` (its
 sample count for a sample-weighted mean, or 1): ``q = w * round(clip(v) * 2**f)``, held as
 uint64, so sums wrap modulo 2**64 as the masks need. The sum of a round's ``q`` read as a
-signed int64 and divided by ``2**f * sum(w)`` is the weighted mean of the clipped values, off by
-at most ``2**-(f+1)`` per coordinate (each client's rounding error is at most half a step, and
-a weighted mean of errors is no larger than the largest). It is exact (no wrap-around) while
-``sum(w) * bound * 2**f < 2**63``, which ``fits`` checks.
+signed int64 and divided by ``2**f * sum(w)`` (in float64) is the weighted mean of the clipped
+values, off by at most ``2**-(f+1)`` per coordinate (each client's rounding error is at most
+half a step, and a weighted mean of errors is no larger than the largest). It is exact (no
+wrap-around) while ``sum(w) * bound * 2**f < 2**63``, which ``fits`` checks. Rounding moves a
+vector of ``d`` values by at most ``sqrt(d) * 2**-(f+1)`` in L2 norm (``norm_growth``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 FIELD_BITS = 64
 """Values and masks live in Z_{2**64} (uint64 arithmetic wraps around by itself)."""
+MAX_PRECISION_BITS = 48
+"""The most fraction bits (``runtime.secure_aggregation.precision_bits``) a party accepts."""
 
 
 def max_error(precision_bits: int) -> float:
     """The largest difference, per coordinate, between the decoded weighted mean and the exact
     weighted mean of the clipped values."""
     return 2.0 ** -(precision_bits + 1)
+
+
+def norm_growth(length: int, precision_bits: int) -> float:
+    """The most that rounding ``length`` values to ``precision_bits`` fraction bits can add to
+    their L2 norm: ``sqrt(length) * 2**-(precision_bits+1)``."""
+    return math.sqrt(length) * max_error(precision_bits)
 
 
 def fits(total_weight: int, bound: float, precision_bits: int) -> bool:

@@ -8,9 +8,12 @@ The vector (uint64, Z_{2**64}) holds, in order:
 * ``n * accuracy`` and ``n * loss`` in fixed point (``METRIC_BITS`` fraction bits, clipped to
   ``METRIC_BOUND``), for the round's sample-weighted training metrics;
 * ``w * (update - global)`` for every floating-point tensor of the model (sorted by name),
-  first clipped to L2 norm ``clip_norm`` when central DP sets one (DP-FedAvg's flat
+  first clipped in L2 norm when central DP sets ``clip_norm`` ``C`` (DP-FedAvg's flat
   clipping, ``privacy.central.clip_update``, done by the client), then to ``[-bound, bound]``
-  per coordinate, in fixed point (``precision_bits``).
+  per coordinate, in fixed point (``precision_bits``). The L2 clip is to
+  ``C - sqrt(d) * 2**-(precision_bits+1)`` for ``d`` values (``clip_target``): rounding to
+  fixed point can lengthen the vector by that much, so what the client sends has norm at
+  most ``C``, the sensitivity central DP's noise is calibrated to.
 
 So the server learns ``sum w``, ``sum n``, the sample-weighted mean training accuracy and
 loss, and the weighted mean of the clipped updates: nothing of any one client beyond whether
@@ -53,8 +56,8 @@ def client_input(update: ClientUpdate, global_weights: Weights, encoding: Encodi
     """``update`` as the vector a client masks (see the module's docstring).
 
     Raises:
-        SecureAggregationError: for non-finite weights, or non-finite metrics of a client
-            with samples.
+        SecureAggregationError: for non-finite weights, non-finite metrics of a client with
+            samples, or a ``clip_norm`` too small for the precision (``clip_target``).
     """
     n = update.num_samples
     weight = n if encoding.weighted else 1
@@ -65,7 +68,9 @@ def client_input(update: ClientUpdate, global_weights: Weights, encoding: Encodi
     delta = {k: update.weights[k].detach().cpu().double() - global_weights[k].detach().cpu().double()
              for k in keys}
     if encoding.clip_norm is not None:
-        delta, _ = clip_update(delta, encoding.clip_norm)
+        length = vector_length(global_weights) - HEADER
+        delta, _ = clip_update(delta, clip_target(encoding.clip_norm, encoding.precision_bits,
+                                                  length))
     deltas = torch.cat([delta[k].flatten() for k in keys]).numpy() if keys else np.zeros(0)
     if not np.isfinite(deltas).all():
         raise SecureAggregationError("the update holds non-finite values")
@@ -73,6 +78,24 @@ def client_input(update: ClientUpdate, global_weights: Weights, encoding: Encodi
         np.array([weight, n], dtype=np.uint64),
         quantize.encode(np.array(metrics), n, METRIC_BOUND, METRIC_BITS),
         quantize.encode(deltas, weight, encoding.bound, encoding.precision_bits)])
+
+
+def clip_target(clip_norm: float, precision_bits: int, length: int) -> float:
+    """The L2 norm a client clips its ``length`` update values to under central DP's
+    ``clip_norm`` ``C``: ``C - sqrt(length) * 2**-(precision_bits+1)``, so that rounding them
+    to fixed point (``quantize.norm_growth``) leaves the norm at most ``C``.
+
+    Raises:
+        SecureAggregationError: when that is not positive (``clip_norm`` too small for
+            ``precision_bits``).
+    """
+    target = clip_norm - quantize.norm_growth(length, precision_bits)
+    if target <= 0:
+        raise SecureAggregationError(
+            f"privacy.args.clip_norm={clip_norm:g} is below the fixed-point rounding of "
+            f"{length} values at precision_bits={precision_bits}: raise "
+            "runtime.secure_aggregation.precision_bits")
+    return target
 
 
 def secure_sum(total: np.ndarray, global_weights: Weights, encoding: Encoding,
@@ -94,17 +117,17 @@ def secure_sum(total: np.ndarray, global_weights: Weights, encoding: Encoding,
             f"bound={encoding.bound:g}, precision_bits={encoding.precision_bits}: lower them")
     metrics = (quantize.decode(total[2:HEADER], samples, METRIC_BITS) if samples
                else np.full(2, math.nan))
-    mean = torch.from_numpy(quantize.decode(total[HEADER:], weight, encoding.precision_bits))
-    deltas: dict[str, torch.Tensor] = {}
+    summed = torch.from_numpy(quantize.decode(total[HEADER:], 1, encoding.precision_bits))
+    update_sum: Weights = {}
     offset = 0
     for key in float_keys(global_weights):
         size = global_weights[key].numel()
-        deltas[key] = mean[offset:offset + size].view(global_weights[key].shape)
+        update_sum[key] = summed[offset:offset + size].view(global_weights[key].shape)
         offset += size
-    weights: Weights = {
-        key: (tensor.detach().cpu().double() + deltas[key]).to(tensor.dtype) if key in deltas
-        else tensor.detach().cpu().clone()
+    weights: Weights = {  # float64 to the end, then the model's dtype
+        key: (tensor.detach().cpu().double() + update_sum[key] / weight).to(tensor.dtype)
+        if key in update_sum else tensor.detach().cpu().clone()
         for key, tensor in global_weights.items()}
     return SecureSum(client_id="secure_sum", num_samples=samples,
                      metrics={"accuracy": float(metrics[0]), "loss": float(metrics[1])},
-                     weights=weights, members=tuple(members))
+                     weights=weights, members=tuple(members), update_sum=update_sum)

@@ -11,9 +11,11 @@ from oiafed.exceptions import InputError
 
 DESCRIPTION = (
     "Run CONFIG for every combination of the --set values and every seed: each cell a run "
-    "folder SWEEP_DIR/<key=value,...>/seed=<s> made by `oiafed run` in its own process. "
-    "Started again, the sweep skips finished cells and resumes interrupted ones (more values "
-    "or seeds of the same keys extend it). Then it writes summary.csv, summary.md (mean ± std "
+    "folder SWEEP_DIR/<key=value,...>/seed=<s> made by `oiafed run` in its own process; "
+    "every grid point's data and model are built first, to refuse a bad config before any "
+    "cell runs. Started again, the sweep skips finished cells and resumes interrupted ones "
+    "(more values or seeds of the same keys extend it); one sweep at a time runs in a folder "
+    "(SWEEP_DIR/.lock; another is exit 2). Then it writes summary.csv, summary.md (mean ± std "
     "over seeds of the metric's best and final values and of the rounds to --target) and "
     "plots/<metric>.png.")
 
@@ -31,7 +33,8 @@ def add_sweep_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     cmd.add_argument("--seeds", metavar="S1,S2", help="seeds of every grid point (default: "
                      "the config's seed)")
     cmd.add_argument("--jobs", type=int, metavar="N", help="cells run at a time (default 1; "
-                     "with --ray, as many as the cluster takes)")
+                     "with --ray, as many as the cluster takes); each cell gets "
+                     "OMP_NUM_THREADS=CPUs//N unless it is set")
     cmd.add_argument("--sweep-dir", metavar="DIR",
                      help="the sweep folder (default: <output_dir>/<name>-sweep)")
     cmd.add_argument("--ray", metavar="ADDRESS", dest="ray_address",

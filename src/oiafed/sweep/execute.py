@@ -11,13 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from oiafed.exceptions import InputError, WorkerError
-from oiafed.reporting.runs import read_run
+from oiafed.reporting.runs import read_summary, summary_status
 from oiafed.run_folder import CONFIG, METRICS
 from oiafed.sweep.grid import Cell, Plan
 
@@ -27,12 +27,27 @@ _PR_SET_PDEATHSIG = 1
 
 
 def finished(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` ended by itself (completed, or stopped by a callback):
-    a sweep started again skips it."""
-    try:
-        return read_run(run_dir).status in ("completed", "stopped")
-    except InputError:  # no run there yet, or one whose files cannot be read: run it
-        return False
+    """Whether the run in ``run_dir`` ended by itself (completed, or stopped by a callback),
+    as its ``summary.json`` says: a sweep started again skips it. (A cell's config cannot
+    change, so a summary saying so is never that of an earlier session of a longer run.)"""
+    return summary_status(read_summary(run_dir)) in ("completed", "stopped")
+
+
+def cell_environment(jobs: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a cell's process: this one's, plus, when it sets no
+    ``OMP_NUM_THREADS``, ``OMP_NUM_THREADS`` = the CPUs this process may use // ``jobs``
+    (at least 1), so ``jobs`` cells at a time share the CPUs instead of each taking all."""
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // jobs))
+    return env
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cell_arguments(sweep: Plan, cell: Cell) -> list[str]:
@@ -59,7 +74,7 @@ def run_oiafed(arguments: list[str], cwd: str) -> tuple[int, str]:
     """Run ``oiafed ARGUMENTS`` with this interpreter in ``cwd``; return its exit code and the
     end of its error output. (The body of a cell's Ray task.)"""
     with tempfile.TemporaryFile() as errors:
-        process = _start(arguments, cwd, errors)
+        process = _start(arguments, cwd, errors, None, ())
         try:
             code = process.wait()
         finally:
@@ -68,13 +83,14 @@ def run_oiafed(arguments: list[str], cwd: str) -> tuple[int, str]:
         return code, _tail(errors)
 
 
-def _start(arguments: list[str], cwd: str, errors: IO[bytes]) -> subprocess.Popen[bytes]:
+def _start(arguments: list[str], cwd: str, errors: IO[bytes], env: dict[str, str] | None,
+           inherit: tuple[int, ...]) -> subprocess.Popen[bytes]:
     """``oiafed ARGUMENTS`` (what ``python -m oiafed.cli`` runs) in a process that ends with
-    this one."""
+    this one, with ``env`` (None: this one's) and the file descriptors ``inherit`` open."""
     main = ("import sys; from oiafed.sweep.execute import end_with_parent; "
             f"end_with_parent({os.getpid()}); from oiafed.cli import main; sys.exit(main())")
-    return subprocess.Popen([sys.executable, "-c", main, *arguments], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=errors)
+    return subprocess.Popen([sys.executable, "-c", main, *arguments], cwd=cwd, env=env,
+                            pass_fds=inherit, stdout=subprocess.DEVNULL, stderr=errors)
 
 
 def _tail(errors: IO[bytes]) -> str:
@@ -100,15 +116,20 @@ class Backend(Protocol):
 
 
 class LocalProcesses:
-    """Each cell an ``oiafed run`` process of this machine."""
+    """Each cell an ``oiafed run`` process of this machine, with ``env`` (``cell_environment``)
+    and the file descriptors ``inherit`` open: the sweep folder's lock, so that it stays taken
+    until the last cell has ended, even one still stopping after the sweep was killed."""
 
-    def __init__(self, cwd: str) -> None:
+    def __init__(self, cwd: str, env: dict[str, str], inherit: tuple[int, ...] = ()) -> None:
         self.cwd = cwd
+        self.env = env
+        self.inherit = inherit
         self._running: dict[Cell, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
 
     def start(self, cell: Cell, arguments: list[str]) -> None:
         errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed by ``poll`` or ``stop``)
-        self._running[cell] = (_start(arguments, self.cwd, errors), errors)
+        self._running[cell] = (_start(arguments, self.cwd, errors, self.env, self.inherit),
+                               errors)
 
     def poll(self, timeout: float) -> list[Outcome]:
         time.sleep(timeout)
@@ -195,6 +216,7 @@ class RayTasks:
         self._running.clear()
         if self._owned:
             self._ray.shutdown()
+            self._owned = False
 
 
 def run_cells(sweep: Plan, cells: list[Cell], backend: Backend, jobs: int,
@@ -225,10 +247,27 @@ def _stopping(backend: Backend) -> Iterator[None]:
         backend.stop()
 
 
-def rounds_recorded(run_dir: Path) -> int:
-    """Lines in the run's ``metrics.jsonl`` (its rounds done so far)."""
-    try:
-        with open(run_dir / METRICS, "rb") as file:
-            return sum(1 for _ in file)
-    except OSError:
-        return 0
+class RoundCounter:
+    """The lines of a run's ``metrics.jsonl`` (its rounds done so far), counted as the file
+    grows: each ``count`` reads only what was appended since the last (all of it again when
+    the file was replaced, as a resumed run does)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.file = run_dir / METRICS
+        self._inode: int | None = None
+        self._offset = 0
+        self._lines = 0
+
+    def count(self) -> int:
+        try:
+            with open(self.file, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                if stat.st_ino != self._inode or stat.st_size < self._offset:
+                    self._inode, self._offset, self._lines = stat.st_ino, 0, 0
+                handle.seek(self._offset)
+                added = handle.read()
+        except OSError:
+            return self._lines
+        self._offset += len(added)
+        self._lines += added.count(b"\n")
+        return self._lines

@@ -3,9 +3,11 @@ grid point and seed, every cell's config checked before anything is written."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from oiafed.config import ExperimentConfig, fill_defaults, load_config
 from oiafed.exceptions import ConfigError, InputError
 from oiafed.io import atomic_write_json
 from oiafed.run import validate
+from oiafed.sweep.lock import LOCK_FILE
 
 SWEEP_FILE = "sweep.json"
 """The sweep folder's record: its base config, its keys and the cells run into it."""
@@ -179,13 +182,21 @@ def plan(config: str | Path, overrides: list[str], settings: list[str], seeds: s
     result = Plan(Path(config), list(overrides), base, folder, [axis.key for axis in axes], cells)
     for cell in cells:
         _check(config, result.cell_overrides(cell), f"sweep cell {cell.folder}", None)
-    _check_folder(result)
+    check_folder(result)
     return result
 
 
 def _check(config: str | Path, overrides: list[str], what: str, key: str | None) -> None:
-    try:
+    with naming(what, key):
         validate(config, overrides)
+
+
+@contextlib.contextmanager
+def naming(what: str, key: str | None) -> Iterator[None]:
+    """A ``ConfigError`` raised in the block, again with ``what`` (a value, a cell) before its
+    message and naming ``key`` (None: the key it names)."""
+    try:
+        yield
     except ConfigError as exc:
         error = ConfigError(f"{what}: {exc}")
         error.path = key or exc.path
@@ -209,14 +220,14 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
     return record
 
 
-def _check_folder(sweep: Plan) -> None:
+def check_folder(sweep: Plan) -> None:
     """Refuse a sweep folder holding a sweep of another base config or other keys, or cells
     that are not run folders of this sweep."""
     if sweep.folder.exists() and not sweep.folder.is_dir():
         raise InputError(f"the sweep folder {sweep.folder} is a file")
     record = _read_record(sweep.folder)
     if record is None:
-        if sweep.folder.exists() and any(sweep.folder.iterdir()):
+        if sweep.folder.exists() and any(p.name != LOCK_FILE for p in sweep.folder.iterdir()):
             raise InputError(f"{sweep.folder} is not empty and holds no {SWEEP_FILE}: choose "
                              "another --sweep-dir")
         return

@@ -8,17 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from oiafed.io import atomic_open, atomic_write_text
-from oiafed.reporting.plots import png_bytes
+from oiafed.reporting.plots import label_axes, new_figure, png_bytes
 from oiafed.reporting.runs import MetricSummary, RunRecord, summarize
 from oiafed.sweep.grid import Cell
 
@@ -27,6 +25,8 @@ SUMMARY_MD = "summary.md"
 PLOTS = "plots"
 NOT_PLOTTED = ("round_time", "num_clients", "num_samples")
 """Bookkeeping columns of ``metrics.jsonl`` that get no plot."""
+NOT_RECORDED = "no such metric"
+"""summary.md's value of a grid point whose finished runs recorded no such metric."""
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,16 @@ class Spread:
 
 @dataclass(frozen=True)
 class PointSummary:
-    """One grid point: its values, its finished runs (one per seed) and their spreads."""
+    """One grid point: its values, its finished runs (one per seed) and their spreads;
+    ``recorded``: whether a run of it recorded the metric (False: no run did, though some
+    finished)."""
 
     point: tuple[tuple[str, str], ...]
     runs: list[RunRecord]
     best: Spread
     final: Spread
     rounds_to_target: Spread
+    recorded: bool = True
 
     @property
     def label(self) -> str:
@@ -77,12 +80,28 @@ def summarize_points(cells: list[Cell], records: dict[Cell, RunRecord], metric: 
     summaries = []
     for point, runs in points.items():
         found: list[MetricSummary] = [summarize(run, metric, target, higher_is_better)
-                                      for run in runs]
+                                      for run in runs if recorded([run], metric)]
         summaries.append(PointSummary(
             point, runs, Spread.of([s.best for s in found]), Spread.of([s.final for s in found]),
             Spread.of([None if s.rounds_to_target is None else float(s.rounds_to_target)
-                       for s in found])))
+                       for s in found]), recorded=bool(found) or not runs))
     return summaries
+
+
+def recorded(runs: Iterable[RunRecord], metric: str) -> bool:
+    """Whether a round of one of ``runs`` recorded ``metric``."""
+    return any(run.series(metric)[0] for run in runs)
+
+
+def meaning(metric: str) -> str:
+    """What ``metric`` measures, for the summary's first line."""
+    if metric.startswith("personal_"):
+        return "of the clients' personal models on their local test sets"
+    if metric.startswith("train_"):
+        return "of the sampled clients' local training (sample-weighted)"
+    if metric in ("accuracy", "loss"):
+        return "of the global model on the test set"
+    return "as the runs recorded it"
 
 
 def write_summary(folder: Path, keys: list[str], points: list[PointSummary], seeds: int,
@@ -125,14 +144,17 @@ def _markdown(keys: list[str], points: list[PointSummary], seeds: int, metric: s
         header.append(f"rounds to {metric} {target:g}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for point in points:
-        cells = [*(v.replace("|", "\\|") for v in dict(point.point).values()),
-                 f"{len(point.runs)}/{seeds}", point.best.text(4), point.final.text(4)]
+        values = [point.best.text(4), point.final.text(4)]
         if target is not None:
             reached = point.rounds_to_target
-            cells.append(reached.text(1) + ("" if reached.count == len(point.runs)
-                                            else f" ({reached.count}/{len(point.runs)} reached)"))
+            values.append(reached.text(1) + ("" if reached.count == len(point.runs)
+                                             else f" ({reached.count}/{len(point.runs)} reached)"))
+        if not point.recorded:
+            values = [NOT_RECORDED] * len(values)
+        cells = [*(v.replace("|", "\\|") for v in dict(point.point).values()),
+                 f"{len(point.runs)}/{seeds}", *values]
         lines.append("| " + " | ".join(cells) + " |")
-    return (f"Mean ± sample standard deviation over seeds; {metric} of the global model.\n\n"
+    return (f"Mean ± sample standard deviation over seeds; {metric} {meaning(metric)}.\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -147,9 +169,7 @@ def _metrics(points: list[PointSummary]) -> list[str]:
 def curves(points: list[PointSummary], metric: str) -> Figure:
     """``metric`` by round: per grid point, the mean over its seeds and a band of one
     standard deviation (where two or more seeds recorded the round)."""
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = new_figure(8, 4.5)
     for point in points:
         by_round: dict[int, list[float]] = {}
         for run in point.runs:
@@ -163,10 +183,6 @@ def curves(points: list[PointSummary], metric: str) -> Figure:
                          for x in xs])
         line, = axes.plot(xs, means, marker="." if len(xs) < 50 else None, label=point.label)
         axes.fill_between(xs, means - stds, means + stds, color=line.get_color(), alpha=0.2)
-    axes.set_title(f"{metric} by round (mean ± std over seeds)")
-    axes.set_xlabel("round")
-    axes.set_ylabel(metric)
-    axes.grid(alpha=0.3)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    label_axes(axes, f"{metric} by round (mean ± std over seeds)", "round", metric)
     axes.legend(fontsize="small")
     return figure

@@ -22,7 +22,7 @@ import grpc
 from oiafed.core.learner import EVALUATE, TASK
 from oiafed.core.types import ClientTask, Outcome, RoundTask
 from oiafed.data.federated import id_set
-from oiafed.exceptions import DeploymentError, InputError
+from oiafed.exceptions import ConfigError, DeploymentError, InputError
 from oiafed.runtime.base import RoundLedger, RunEnd, RunSpec, Runtime
 from oiafed.runtime.envelope import encode_client, pack_round
 from oiafed.runtime.grpc.auth import ServerSecurity
@@ -108,8 +108,11 @@ class GrpcRuntime(Runtime):
 
     async def train(self, task: RoundTask, clients: Sequence[ClientTask],
                     deadline: float | None) -> list[Outcome]:
-        if self.secure is not None and task.extra_values.get(TASK) != EVALUATE:
-            # a personal evaluation returns metrics, no update to sum: sent as it is
+        if self.secure is not None:
+            if task.extra_values.get(TASK) == EVALUATE:  # refused at config load (secagg.checks)
+                raise ConfigError("personal evaluation would send each client's metrics to the "
+                                  "server in clear, past runtime.secure_aggregation",
+                                  "data.local_test_fraction")
             return await secure_train(self, self.secure, task, clients, deadline)
         service = self._service()
         ledger = RoundLedger(task.round_num, [c.client_id for c in clients], deadline,

@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from oiafed import registry
 from oiafed.core.types import ClientFailure, ClientTask, Outcome, RoundTask
 from oiafed.exceptions import ClientTrainingError, ConfigError, SecureAggregationError
+from oiafed.privacy.central import CentralDP
 from oiafed.runtime.base import RoundLedger
 from oiafed.runtime.envelope import pack_round
 from oiafed.runtime.grpc.proto import oiafed_pb2 as pb
@@ -59,9 +61,10 @@ class SecureSettings:
         section = cfg.runtime.secure_aggregation
         if section is None:
             return None
-        central = cfg.privacy is not None and cfg.privacy.type == "central"
-        clip = float(cfg.privacy.args.get("clip_norm", 1.0)) if central and cfg.privacy else None
-        weighted = bool(cfg.aggregator.args.get("weighted", True)) and not central
+        privacy = (registry.build("privacy", cfg.privacy.model_dump(), "privacy")
+                   if cfg.privacy is not None else None)
+        clip = privacy.clip_norm if isinstance(privacy, CentralDP) else None
+        weighted = bool(cfg.aggregator.args.get("weighted", True)) and clip is None
         return cls(section.threshold,
                    msg.Encoding(section.bound, section.precision_bits, weighted, clip),
                    section.step_timeout)
@@ -243,7 +246,7 @@ class _SecureRound:
         self.server.shared(cid, msg.decode_ciphertexts(bytes(data)))
 
     def _masked(self, cid: str, data: bytes | bytearray) -> None:
-        self.server.masked_input(cid, msg.decode_masked(data, cid, self.task.round_num))
+        self.server.masked_input(cid, msg.decode_masked(data, self.params, cid))
 
     def _unmasked(self, cid: str, data: bytes | bytearray) -> None:
         self.server.unmasked(cid, msg.decode_unmask(bytes(data)))

@@ -67,8 +67,8 @@ class SecureTask:
                 raise SecureAggregationError("shares before keys")
             x = client_input(self.update, self.global_weights, self.encoding)
             y = self.protocol.masked_input(msg.decode_ciphertexts(message.data), x)
-            return update_messages(self.task_id, msg.encode_masked(self.client_id,
-                                                                   self.round_num, y))
+            return update_messages(self.task_id, msg.encode_masked(
+                self.protocol.round_params(), self.client_id, y))
         if message.step == msg.SURVIVORS:
             shares = self.protocol.unmask(msg.decode_survivors(message.data))
             self.finished = True
