@@ -269,7 +269,8 @@ def test_config_yaml_holds_every_argument_and_gives_the_same_run(tmp_path):
     assert written["trainer"]["args"] == {"rounds": 2, "clients_per_round": 2, "fraction": None,
                                           "eval_every": 1, "min_clients": 1,
                                           "round_timeout": None, "straggler_fraction": 0.0,
-                                          "max_update_norm_ratio": 1000.0}
+                                          "max_update_norm_ratio": 1000.0,
+                                          "personal_eval_clients": None}
     assert written["learner"]["args"]["lr"] == 0.05  # the user's value
     assert written["learner"]["args"]["momentum"] == 0.0  # a default
     assert written["aggregator"]["args"] == {"weighted": True, "drop_stragglers": False}
