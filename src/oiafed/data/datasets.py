@@ -105,7 +105,8 @@ def _find(root: Path, stem: str) -> Path:
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 return folder / name
-    raise ConfigError(f"no {stem}[.gz] under {root} (looked in ., MNIST/raw, raw)")
+    raise ConfigError(f"no {stem}[.gz] under {root} (looked in ., MNIST/raw, raw)",
+                      "data.args.root")
 
 
 @register("dataset.mnist")
