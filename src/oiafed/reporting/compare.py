@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_bytes
 from oiafed.reporting.plots import overlay, png_bytes
+from oiafed.reporting.progress import tracked
 from oiafed.reporting.runs import MetricSummary, RunRecord, read_run, summarize
 
 
@@ -37,15 +37,9 @@ def compare_runs(run_dirs: Sequence[str | Path], metric: str = "accuracy",
         InputError: naming the run, when ``metric`` is recorded in none of its rounds.
     """
     compared = []
-    with Progress(TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), console=console, transient=True,
-                  disable=console is None) as progress:
-        task = progress.add_task("", total=len(run_dirs))
-        for run_dir in run_dirs:
-            progress.update(task, description=str(run_dir))
-            record = read_run(run_dir)
-            compared.append(Compared(record, summarize(record, metric, target)))
-            progress.advance(task)
+    for run_dir in tracked(run_dirs, "runs", str, console):
+        record = read_run(run_dir)
+        compared.append(Compared(record, summarize(record, metric, target)))
     return compared
 
 

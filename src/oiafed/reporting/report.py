@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from oiafed.io import atomic_write_bytes, atomic_write_text
 from oiafed.reporting import html
 from oiafed.reporting.plots import Plot, png_bytes, report_plots
+from oiafed.reporting.progress import tracked
 from oiafed.reporting.runs import RunRecord, read_run
 from oiafed.run_folder import RUN_LOG
 
@@ -49,16 +49,8 @@ def write_report(run_dir: str | Path, console: Console | None = None) -> Path:
 
 def _draw(record: RunRecord, plots: list[Plot], console: Console | None) -> list[tuple[Plot, bytes]]:
     """Each plot's PNG bytes, with a progress bar on ``console``."""
-    drawn = []
-    with Progress(TextColumn("[bold]plots"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), console=console, transient=True,
-                  disable=console is None) as progress:
-        task = progress.add_task("", total=len(plots))
-        for plot in plots:
-            progress.update(task, description=plot.file)
-            drawn.append((plot, png_bytes(plot.draw(record))))
-            progress.advance(task)
-    return drawn
+    return [(plot, png_bytes(plot.draw(record)))
+            for plot in tracked(plots, "plots", lambda plot: plot.file, console)]
 
 
 def _log_tail(record: RunRecord) -> str:
