@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Container, Iterator, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from oiafed.data.arrays import ArrayDataset, TrainTest
 from oiafed.data.local_test import split_local_tests
 from oiafed.exceptions import ConfigError
 from oiafed.seeding import LOCAL_TEST, PARTITION, derive_seed, rng
+
+if TYPE_CHECKING:
+    from oiafed.config import DataConfig
 
 PREFIX = "client_"
 MAX_CLIENTS = 2**53
@@ -234,7 +237,7 @@ def _declared(target: Any) -> set[str]:
         return set()
 
 
-def build_federated_data(data_cfg: Any, seed: int) -> FederatedSource:
+def build_federated_data(data_cfg: DataConfig, seed: int) -> FederatedSource:
     """Build the configured dataset; a pooled one is split into test set and client partitions.
 
     Raises:
@@ -262,7 +265,7 @@ def build_federated_data(data_cfg: Any, seed: int) -> FederatedSource:
         "(per-client data)", "data.type")
 
 
-def _check_source(source: FederatedSource, data_cfg: Any) -> FederatedSource:
+def _check_source(source: FederatedSource, data_cfg: DataConfig) -> FederatedSource:
     if data_cfg.partition != type(data_cfg.partition)():
         raise ConfigError(
             f"dataset {data_cfg.type!r} gives every client its own data, so it takes no "
@@ -282,7 +285,7 @@ def _check_source(source: FederatedSource, data_cfg: Any) -> FederatedSource:
     return source
 
 
-def _split_pool(pool: ArrayDataset | TrainTest, data_cfg: Any, seed: int) -> FederatedData:
+def _split_pool(pool: ArrayDataset | TrainTest, data_cfg: DataConfig, seed: int) -> FederatedData:
     """Take the global test set (``data.test_set``) and partition the rest among the clients."""
     train, test = _test_split(pool, data_cfg, seed)
     if data_cfg.num_clients > len(train):
@@ -305,7 +308,7 @@ def _split_pool(pool: ArrayDataset | TrainTest, data_cfg: Any, seed: int) -> Fed
     return FederatedData(train, test, parts, local_tests)
 
 
-def _test_split(pool: ArrayDataset | TrainTest, data_cfg: Any,
+def _test_split(pool: ArrayDataset | TrainTest, data_cfg: DataConfig,
                 seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """(training pool, global test set): the dataset's official test set, or a stratified
     ``data.test_fraction`` of all its samples pooled."""
