@@ -7,7 +7,8 @@ running it, one fresh subprocess runs a few rounds and reports:
   imports, worker start-up). It covers selection, local training, aggregation, evaluation of
   the global model and the round-end hooks; the metrics line and checkpoint written after each
   round are not in it. The plain loop times the same steps.
-* ``RSS main``: the subprocess's peak resident memory (``getrusage``);
+* ``RSS main``: the subprocess's peak resident memory (``VmHWM``: ``getrusage`` would
+  carry the launching process's peak across ``exec``);
   ``RSS tree``: the peak of main + every descendant process (workers, Ray's daemons), sampled
   every 0.25 s with psutil, for the modes that start processes (else = main).
 
@@ -43,7 +44,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -202,6 +202,13 @@ class TreeRss:
             self._stop.wait(self.interval)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (its own, not its launcher's)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -215,7 +222,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     finally:
         if tree is not None:
             tree.__exit__()
-    main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    main = peak_rss()
     return {
         "round_times": times,
         "sec_per_round": statistics.median(times[1:] if len(times) > 1 else times),

@@ -22,6 +22,12 @@ import yaml
 import oiafed
 from oiafed import Callback, TrainResult, registry
 
+# Peak RSS of the running process in bytes, as source for scripts run in a subprocess. Not
+# ``getrusage(...).ru_maxrss``: Linux keeps it across ``execve``, so a child spawned (vfork) by a
+# large pytest process reports the parent's peak. ``VmHWM`` belongs to the child's own memory.
+PEAK_RSS = ("int(next(line for line in open('/proc/self/status') "
+            "if line.startswith('VmHWM:')).split()[1]) * 1024")
+
 
 def tiny_config(**sections: Any) -> dict[str, Any]:
     """A fast experiment: digits, 4 IID clients, logistic regression, 3 rounds."""

@@ -29,7 +29,7 @@ from oiafed.exceptions import ConfigError, SelectionError
 from oiafed.run import Experiment, run_coroutine
 from oiafed.seeding import TRAIN, derive_seed
 from oiafed.testing import ScriptedRuntime
-from support import without_timing
+from support import PEAK_RSS, without_timing
 
 GIB = 1024**3
 
@@ -50,7 +50,7 @@ def checksum(data) -> list[float]:
 
 def test_100k_clients_run_in_a_subprocess_in_small_memory(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
-        import json, resource, sys, time
+        import json, sys, time
         import oiafed
         from oiafed.data.leaf import LeafSynthetic
         started = time.perf_counter()
@@ -58,7 +58,7 @@ def test_100k_clients_run_in_a_subprocess_in_small_memory(tmp_path: Path) -> Non
         wall = time.perf_counter() - started
         data = LeafSynthetic(11, 100_000).client_data("client_99999")
         print(json.dumps({{
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": {PEAK_RSS},
             "wall": wall, "rounds": result.rounds_completed,
             "history": result.history,
             "checksum": [float(data.x.double().sum()), float(data.y.double().sum()),
@@ -146,13 +146,13 @@ def test_selection_stays_deterministic_per_round() -> None:
 @pytest.mark.slow
 def test_10_million_clients_build_and_run_without_memory_per_client(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
-        import json, resource
+        import json
         from oiafed.config import load_config
         from oiafed.run import Experiment, run_coroutine
         cfg = load_config({scale_config(10_000_000, rounds=2, sampled=10)!r})
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = {PEAK_RSS}
         result = run_coroutine(Experiment.build(cfg).trainer.fit())
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        after = {PEAK_RSS}
         print(json.dumps({{"growth": after - before, "history": result.history}}))
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
