@@ -15,6 +15,9 @@ run whose file exists, so an interrupted command picks up where it stopped):
   10^(1/3) (the paper tunes its learning rates on such grids), each run stopped when the test
   accuracy reaches 99 %, after ``--rounds`` rounds, or at the round where an earlier learning
   rate of the grid reached 99 % (it can no longer be the fastest);
+* ``reach``: oiafed on IID MNIST at each given learning rate, each run on its own until the
+  test accuracy reaches 99 % or ``--rounds`` rounds pass: the rounds each learning rate takes
+  (no cut at an earlier one's round, unlike ``grid``);
 * ``noniid``: oiafed on the pathological non-IID partition at one learning rate, every round
   recorded;
 * ``compare``: per seed, oiafed and the plain loop (``PlainFedAvg``) on IID MNIST,
@@ -33,6 +36,7 @@ loss and accuracy in batches of 1,024.
 Run from the repository root (``--mnist-root`` defaults to ``../shared/data/mnist``):
 
     .venv/bin/python benchmarks/fedavg_mnist.py grid --lrs 0.1 0.215 0.464 0.0464
+    .venv/bin/python benchmarks/fedavg_mnist.py reach --lrs 0.215 0.1 0.0464 --rounds 60
     .venv/bin/python benchmarks/fedavg_mnist.py compare --lr 0.1 --seeds 0 1 2 --rounds 3
     .venv/bin/python benchmarks/fedavg_mnist.py noniid --lr 0.215 --rounds 20
     .venv/bin/python benchmarks/fedavg_mnist.py table
@@ -303,6 +307,15 @@ def command_grid(args: argparse.Namespace) -> None:
                      rounds=min([args.rounds, *reached]), stop_at=TARGET)
 
 
+def command_reach(args: argparse.Namespace) -> None:
+    """Each learning rate runs until 99 % or ``--rounds``, whatever the others took."""
+    for lr in args.lrs:
+        name = f"reach_iid_lr{lr:g}.json"
+        if not finished(name):
+            measured_run(name, "reach", "iid", args.mnist_root, lr=lr, seed=args.seed,
+                         rounds=args.rounds, stop_at=TARGET)
+
+
 def command_noniid(args: argparse.Namespace) -> None:
     name = f"noniid_lr{args.lr:g}_rounds{args.rounds}.json"
     if not finished(name):
@@ -338,6 +351,19 @@ def command_table(args: argparse.Namespace) -> None:
         curve = " ".join(f"{100 * row['accuracy']:.2f}" for row in rec["rows"])
         lines.append(f"| {rec['lr']:g} | {fmt_rounds(rec)} | {curve} | "
                      f"{rec['machine']['date']}, {rec['machine']['threads']} threads |")
+    reach = sorted(load_records("reach"), key=lambda r: r["lr"])
+    if reach:
+        lines += ["", "Rounds each learning rate takes to 99 % (IID, seed 0; each run on its "
+                  "own, stopped at 99 % or its round cap):", "",
+                  "| lr | rounds to 99 % | accuracy at round 20 (%) | best accuracy (%) | "
+                  "machine |", "|---|---|---|---|---|"]
+        for rec in reach:
+            rows = rec["rows"]
+            at_20 = f"{100 * rows[19]['accuracy']:.2f}" if len(rows) >= 20 else "-"
+            best = max(rows, key=lambda row: row["accuracy"])
+            lines.append(f"| {rec['lr']:g} | {fmt_rounds(rec)} (cap {rec['max_rounds']}) | "
+                         f"{at_20} | {100 * best['accuracy']:.2f} (round {best['round']}) | "
+                         f"{rec['machine']['date']}, {rec['machine']['threads']} threads |")
     for rec in load_records("noniid"):
         curve = " ".join(f"{100 * row['accuracy']:.2f}" for row in rec["rows"])
         lines += ["", f"Pathological non-IID, lr {rec['lr']:g}, seed {rec['seed']}: rounds to "
@@ -398,6 +424,9 @@ def main() -> None:
     grid = sub.add_parser("grid", help="IID learning-rate grid")
     grid.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.215, 0.464, 0.0464])
     grid.add_argument("--rounds", type=int, default=20)
+    reach = sub.add_parser("reach", help="rounds each IID learning rate takes to 99 %")
+    reach.add_argument("--lrs", type=float, nargs="+", default=[0.215, 0.1, 0.0464])
+    reach.add_argument("--rounds", type=int, default=60)
     noniid = sub.add_parser("noniid", help="the non-IID curve at one learning rate")
     noniid.add_argument("--lr", type=float, required=True)
     noniid.add_argument("--rounds", type=int, default=20)
@@ -409,8 +438,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    commands = {"grid": command_grid, "noniid": command_noniid, "compare": command_compare,
-                "table": command_table}
+    commands = {"grid": command_grid, "reach": command_reach, "noniid": command_noniid,
+                "compare": command_compare, "table": command_table}
     commands[args.command](args)
 
 

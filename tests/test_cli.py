@@ -129,6 +129,7 @@ COMMANDS = {
     # Options first, the override after them; --quiet prints nothing.
     "run_quiet": ["run", "tiny.yaml", "--quiet", "--run-dir", "runs/quiet", "trainer.args.rounds=3"],
     "run_failing": ["run", "failing.yaml", "--run-dir", "runs/failing"],
+    "run_report": ["run", "tiny.yaml", "--run-dir", "runs/report", "report=true"],
     "run_failing_late": ["run", "failing_late.yaml", "--run-dir", "runs/failing_late"],
     "run_used_dir": ["run", "tiny.yaml", "--run-dir", "runs/used"],
     "run_unknown_type": ["run", "unknown_type.yaml", "--run-dir", "runs/unknown_type"],
@@ -194,6 +195,16 @@ def test_run_prints_a_line_per_round_and_a_summary(outcomes: dict[str, Outcome])
     assert "accuracy=" in round_lines[0]
     assert any(line.startswith("done: 2 rounds, completed") for line in lines), outcome
     assert "run folder:" in outcome.stdout
+
+
+def test_run_prints_where_its_report_is(workdir: Path, outcomes: dict[str, Outcome]) -> None:
+    outcome = outcomes["run_report"]
+    assert outcome.returncode == 0, outcome
+    page = workdir / "runs/report/report.html"
+    assert any(line.startswith("report: ") and line.endswith("runs/report/report.html")
+               for line in outcome.stdout.splitlines()), outcome
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    assert "report:" not in outcomes["run"].stdout  # no report asked for: no line
 
 
 def test_quiet_run_prints_nothing_and_takes_overrides_after_options(

@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError, OiafedError, exit_code
 from oiafed.reporting.command import add_report_commands, compare_command, report_command
 from oiafed.run import run, validate
-from oiafed.run_folder import RUN_LOG, active_run_log
+from oiafed.run_folder import REPORT_HTML, RUN_LOG, active_run_log
 from oiafed.sweep.command import add_sweep_command, sweep_command
 
 logger = logging.getLogger("oiafed")
@@ -129,13 +130,14 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     if args.config and "=" in args.config:
         args.overrides, args.config = [args.config, *args.overrides], None
     extra = [] if args.quiet else [ProgressCallback(console)]
+    started = time.time()
     result = run(args.config, run_dir=args.run_dir, resume=args.resume,
                  callbacks=extra, overrides=args.overrides)
     if not args.quiet:
-        _report(result, console)
+        _report(result, console, started)
 
 
-def _report(result: TrainResult, console: Console) -> None:
+def _report(result: TrainResult, console: Console, started: float) -> None:
     best = result.best()
     console.print(f"[bold]done[/bold]: {result.rounds_completed} rounds, {result.stop_reason}"
                   f"{f' (by {result.stopped_by})' if result.stopped_by else ''}, "
@@ -148,6 +150,9 @@ def _report(result: TrainResult, console: Console) -> None:
                       f"tracebacks in {result.run_dir and result.run_dir / RUN_LOG}",
                       highlight=False, soft_wrap=True)
     console.print(f"run folder: {result.run_dir}", highlight=False, soft_wrap=True)
+    page = result.run_dir / REPORT_HTML if result.run_dir else None
+    if page is not None and page.exists() and page.stat().st_mtime >= started - 1:  # coarse file clocks
+        console.print(f"report: {page}", highlight=False, soft_wrap=True)
 
 
 def _server(args: argparse.Namespace, console: Console) -> None:
@@ -166,11 +171,12 @@ def _server(args: argparse.Namespace, console: Console) -> None:
     overrides = [*args.overrides, "runtime.mode=grpc", f"runtime.address={json.dumps(args.address)}"]
     logging.getLogger("oiafed.runtime.grpc").setLevel(logging.INFO)
     extra = [] if args.quiet else [ProgressCallback(console)]
+    started = time.time()
     with use_security(security):
         result = run(args.config, run_dir=args.run_dir, resume=args.resume, callbacks=extra,
                      overrides=overrides)
     if not args.quiet:
-        _report(result, console)
+        _report(result, console, started)
 
 
 def _client(args: argparse.Namespace, console: Console) -> int:

@@ -28,6 +28,8 @@ CLIENTS = "clients.jsonl"
 CLIENT_STATES = "client_state"
 """The folder of the algorithm's per-client state versions (``core.client_states``)."""
 RUN_LOG = "run.log"
+REPORT_HTML = "report.html"
+PLOTS_DIR = "report"
 _ROUND_PREFIX = re.compile(rb'\{"round": (\d+)[,}]')
 logger = logging.getLogger(__name__)
 

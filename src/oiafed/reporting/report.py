@@ -13,12 +13,10 @@ from oiafed.reporting import html
 from oiafed.reporting.plots import Plot, png_bytes, report_plots
 from oiafed.reporting.progress import tracked
 from oiafed.reporting.runs import RunRecord, read_run
-from oiafed.run_folder import RUN_LOG
+from oiafed.run_folder import PLOTS_DIR, REPORT_HTML, RUN_LOG
 
 logger = logging.getLogger(__name__)
 
-REPORT_HTML = "report.html"
-PLOTS_DIR = "report"
 """The folder, inside the run folder, of the report's PNG files."""
 _LOG_TAIL_BYTES = 64 * 1024
 
