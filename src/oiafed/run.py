@@ -270,7 +270,8 @@ def _resume(
             raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
     history = folder.history_until(experiment.trainer.round_num)
     if experiment.trainer.privacy is not None:  # rounds to redo were released all the same
-        experiment.trainer.privacy.count_released(folder.read_metrics())
+        experiment.trainer.privacy.count_released(
+            folder.read_metrics(), folder.client_rows_after(experiment.trainer.round_num))
     # All is read and checked: from here on the folder changes (run() then drops the client
     # state versions after the round resumed from).
     folder.keep_rounds(experiment.trainer.round_num, history)

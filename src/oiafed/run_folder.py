@@ -17,7 +17,7 @@ from oiafed.config import ExperimentConfig, RuntimeConfig, fill_defaults
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
-from oiafed.jsonl import read_jsonl
+from oiafed.jsonl import iter_jsonl, read_jsonl
 from oiafed.state import STATE_FILE, Snapshot, StateWriter, take_snapshot
 
 CONFIG = "config.yaml"
@@ -362,6 +362,12 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         """The rows of ``metrics.jsonl`` (a last line cut short by a kill is skipped)."""
         return read_jsonl(self.path / METRICS)
+
+    def client_rows_after(self, round_num: int) -> list[dict[str, Any]]:
+        """The rows of ``clients.jsonl`` of rounds after ``round_num`` (which a resumed run
+        redoes; a last line cut short by a kill is skipped)."""
+        return [row for row in iter_jsonl(self.path / CLIENTS)
+                if not isinstance(row.get("round"), int) or row["round"] > round_num]
 
 
 def _round_of(line: bytes) -> int:

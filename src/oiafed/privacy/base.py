@@ -166,9 +166,11 @@ class Privacy(ABC):  # noqa: B024 - every hook is optional, as a callback's
         """The epsilon spent by the rounds released so far (None: unknown ahead)."""
         return None
 
-    def count_released(self, rows: Sequence[dict[str, JSON]]) -> None:
+    def count_released(self, rows: Sequence[dict[str, JSON]],
+                       client_rows: Sequence[dict[str, JSON]]) -> None:
         """On resume, before the rows of the rounds to redo are dropped: ``rows`` are every
-        round row ``metrics.jsonl`` holds (those rounds were released)."""
+        round row ``metrics.jsonl`` holds (those rounds were released), ``client_rows`` the
+        ``clients.jsonl`` rows of the rounds to redo (those updates were sent)."""
 
     def state_dict(self) -> dict[str, JSON]:
         """JSON-able state saved with the run."""

@@ -289,7 +289,8 @@ class CentralDP(Privacy):
         return {"epsilon": self.epsilon_spent(), RELEASED: self.released,
                 "clip_norm": self._used_clip}
 
-    def count_released(self, rows: Sequence[dict[str, JSON]]) -> None:
+    def count_released(self, rows: Sequence[dict[str, JSON]],
+                       client_rows: Sequence[dict[str, JSON]]) -> None:
         """Count the rounds released before the resume: the most any row says were, or its
         round number (a row of a version that did not count)."""
         for row in rows:

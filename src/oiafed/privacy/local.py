@@ -21,15 +21,17 @@ which is not installed) and uses Opacus's ``secure_mode`` (noise robust to float
 attacks); runs are then not reproducible. ``runtime.mode: grpc`` must choose
 (``base.checked_secure_rng``).
 
-Resume: a client's ``(q, steps)`` history is saved with the run's state; steps of rounds
-released after the last save and redone after a resume are not added again (README).
+Resume: a client's ``(q, steps)`` history is saved with the run's state; the steps of the
+rounds after the last save, which a resumed run redoes, are added from their ``clients.jsonl``
+rows (those updates were sent: redone, they are spent twice). Steps of a round cut short
+before its rows were written are not known, so not counted.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,6 +65,18 @@ GRADIENT_HOOKS = ("training_step", "before_optimizer_step")
 EXTRAS_HOOKS = ("fit", "train_epoch", "end_fit")
 """Learner hooks that may train outside DP-SGD or send what it did not train (allowed if
 ``extras_under_dp``)."""
+
+
+def _steps_problem(metrics: Mapping[str, object]) -> str | None:
+    """Why ``metrics`` (an update's, or its client row) hold no ``(q, steps)`` the accountant
+    can count: a ``dp_sample_rate`` in (0, 1] and a whole ``dp_steps`` >= 1."""
+    rate, steps = metrics.get(SAMPLE_RATE), metrics.get(STEPS)
+    if not (isinstance(rate, float) and 0 < rate <= 1):
+        return f"local DP: {SAMPLE_RATE} must be a number in (0, 1], got {rate!r}"
+    if not (isinstance(steps, float) and math.isfinite(steps) and steps >= 1
+            and steps.is_integer()):
+        return f"local DP: {STEPS} must be a whole number >= 1, got {steps!r}"
+    return None
 
 
 class DPSGDTraining:
@@ -272,35 +286,41 @@ class LocalDP(Privacy):
     def update_problem(self, update: ClientUpdate) -> str | None:
         """Why the accountant cannot count ``update``: no ``dp_sample_rate`` in (0, 1] or no
         whole ``dp_steps`` >= 1 (the trainer leaves it out)."""
-        rate, steps = update.metrics.get(SAMPLE_RATE), update.metrics.get(STEPS)
-        if not (isinstance(rate, float) and 0 < rate <= 1):
-            return f"local DP: {SAMPLE_RATE} must be a number in (0, 1], got {rate!r}"
-        if not (isinstance(steps, float) and math.isfinite(steps) and steps >= 1
-                and steps.is_integer()):
-            return f"local DP: {STEPS} must be a whole number >= 1, got {steps!r}"
-        return None
+        return _steps_problem(update.metrics)
 
     def observe(self, round_num: int, outcomes: Sequence[Outcome]) -> None:
         """Add each reporting client's steps to its history; put its ``epsilon`` in its
         metrics (its client row) and raise ``epsilon_max``. An update the accountant cannot
         count (``update_problem``) is skipped: the trainer leaves it out."""
         for outcome in outcomes:
-            if not isinstance(outcome, ClientUpdate) or self.update_problem(outcome):
-                continue
-            rate, steps = float(outcome.metrics[SAMPLE_RATE]), float(outcome.metrics[STEPS])
-            history = [list(pair) for pair in self.history.get(outcome.client_id, [])]
-            for pair in history:
-                if pair[0] == rate:
-                    pair[1] += steps
-                    break
-            else:
-                history.append([rate, steps])
-            self.history[outcome.client_id] = history
-            epsilon = local_epsilon([(q, int(n)) for q, n in history],
-                                    noise_multiplier=self.noise_multiplier,
-                                    target_delta=self.target_delta)
-            outcome.metrics["epsilon"] = epsilon
-            self.epsilon_max = max(self.epsilon_max, epsilon)
+            if isinstance(outcome, ClientUpdate) and not self.update_problem(outcome):
+                outcome.metrics["epsilon"] = self._add_steps(outcome.client_id, outcome.metrics)
+
+    def count_released(self, rows: Sequence[dict[str, JSON]],
+                       client_rows: Sequence[dict[str, JSON]]) -> None:
+        """Add the steps of the client rows of the rounds to redo (module docstring)."""
+        for row in client_rows:
+            cid = row.get("client_id")
+            if isinstance(cid, str) and not _steps_problem(row):
+                self._add_steps(cid, row)
+
+    def _add_steps(self, client_id: str, metrics: Mapping[str, JSON]) -> float:
+        """Add one update's ``(q, steps)`` to the client's history; its epsilon now (which
+        ``epsilon_max`` takes in)."""
+        rate, steps = float(metrics[SAMPLE_RATE]), float(metrics[STEPS])
+        history = [list(pair) for pair in self.history.get(client_id, [])]
+        for pair in history:
+            if pair[0] == rate:
+                pair[1] += steps
+                break
+        else:
+            history.append([rate, steps])
+        self.history[client_id] = history
+        epsilon = local_epsilon([(q, int(n)) for q, n in history],
+                                noise_multiplier=self.noise_multiplier,
+                                target_delta=self.target_delta)
+        self.epsilon_max = max(self.epsilon_max, epsilon)
+        return epsilon
 
     def round_metrics(self, round_num: int) -> dict[str, float]:
         return {"epsilon_max": self.epsilon_max}
