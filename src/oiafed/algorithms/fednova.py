@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from oiafed.core.aggregators import Aggregator, extras_problem, weighted_average
+from oiafed.core.aggregators import Aggregator, buffers, extras_problem, weighted_average
 from oiafed.core.learner import Learner
 from oiafed.core.types import ClientUpdate, Weights
 from oiafed.exceptions import ConfigError
@@ -61,7 +61,7 @@ class FedNova(Aggregator):
     def aggregate(self, updates: list[ClientUpdate], global_weights: Weights) -> Weights:
         names = self.round_context().parameter_names
         sizes = [u.num_samples for u in updates]
-        new = weighted_average([u.weights for u in updates], sizes)  # raises for no samples
+        new = weighted_average(buffers(updates, names), sizes)  # raises for no samples
         total = sum(sizes)
         kept = [(u, n / total, float(u.extra_values[A_NORM]))
                 for u, n in zip(updates, sizes, strict=True) if n > 0]

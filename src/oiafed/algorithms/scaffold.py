@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from oiafed.core.aggregators import Aggregator, extras_problem, weighted_average
+from oiafed.core.aggregators import Aggregator, buffers, extras_problem, weighted_average
 from oiafed.core.learner import Learner
 from oiafed.core.types import ClientUpdate, RoundPlan, Tensors, Weights
 from oiafed.device import CPU
@@ -88,7 +88,7 @@ class Scaffold(Aggregator):
     def aggregate(self, updates: list[ClientUpdate], global_weights: Weights) -> Weights:
         ctx = self.round_context()
         count = len(updates)
-        new = weighted_average([u.weights for u in updates], [1.0] * count)
+        new = weighted_average(buffers(updates, ctx.parameter_names), [1.0] * count)
         priors = [ctx.states.get(u.client_id) or {} for u in updates]
         states: list[dict[str, Any]] = [{} for _ in updates]
         for name in ctx.parameter_names:

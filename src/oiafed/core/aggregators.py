@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +17,13 @@ from torch import nn
 from oiafed.core.types import ClientUpdate, RoundContext, RoundPlan, Weights
 from oiafed.exceptions import OiafedError
 from oiafed.registry import register
+
+
+def buffers(updates: Sequence[ClientUpdate], parameter_names: Collection[str]) -> list[Weights]:
+    """Each update's weights less ``parameter_names``: what an algorithm with its own formula
+    for the parameters still averages (BatchNorm statistics, ...)."""
+    skip = frozenset(parameter_names)
+    return [{k: v for k, v in u.weights.items() if k not in skip} for u in updates]
 
 
 def weighted_average(weights_list: Sequence[Weights], coefficients: Sequence[float]) -> Weights:
