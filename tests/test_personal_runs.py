@@ -13,8 +13,10 @@ from oiafed.algorithms.personal import load_personal
 from oiafed.core import trainer as trainer_module
 from oiafed.core.client_states import ClientStates
 from oiafed.core.evaluation import evaluate
+from oiafed.core.learner import Learner
 from oiafed.data.federated import build_federated_data
 from oiafed.exceptions import ConfigError
+from oiafed.registry import register
 from oiafed.runtime.worker import build_model
 from oiafed.state import load_state
 from support import assert_same_weights, kill_and_resume, tiny_config, without_timing
@@ -90,6 +92,25 @@ def test_an_evaluated_sample_does_not_change_training(tmp_path):
     assert sampled.history[-1]["personal_clients"] == 2
     for a, b in zip(sampled.history, whole.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["accuracy"] == b["accuracy"]
+
+
+class FailsOneEvaluation(Learner):
+    """Evaluates as the default learner, but client_2's personal evaluation raises."""
+
+    async def evaluate_personal(self, client_id, *args, **kwargs):
+        if client_id == "client_2":
+            raise RuntimeError("no evaluation here")
+        return await super().evaluate_personal(client_id, *args, **kwargs)
+
+
+def test_a_failed_personal_evaluation_is_left_out_and_counted(tmp_path, clean_registry, caplog):
+    register("learner.fails_one_evaluation")(FailsOneEvaluation)
+    result = oiafed.run(config_of("fedavg", learner={"type": "fails_one_evaluation"}),
+                        run_dir=tmp_path / "run")
+    for row in result.history:
+        assert row["personal_clients"] == 5 and row["personal_eval_failed"] == 1
+    assert "personal evaluation left out 1 of 6 client(s); client_2" in caplog.text
+    assert result.history[-1]["num_clients"] == 3  # training went on as before
 
 
 def test_bad_input_is_an_error_naming_the_key(tmp_path):

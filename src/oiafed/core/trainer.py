@@ -477,7 +477,7 @@ class Trainer:
         metrics (``core/personal_eval.py``). The clients are asked in chunks of
         ``max(num_sampled, EVAL_CHUNK)`` (each a runtime call with its own deadline), so the
         personal state and tasks held at once stay O(chunk). A client that fails is left out,
-        with one warning per evaluation."""
+        with one warning per evaluation, and counted in ``personal_eval_failed``."""
         clients = evaluation_clients(self.client_ids, self.personal_eval_clients, self.seed)
         weights = self.model.state_dict()
         size = max(self.num_sampled, EVAL_CHUNK)
@@ -496,7 +496,7 @@ class Trainer:
         if failed:
             logger.warning("round %d: personal evaluation left out %d of %d client(s); %s: %s",
                            round_num, len(failed), len(clients), *failed[0])
-        return personal_metrics(self.personal_scores)
+        return {**personal_metrics(self.personal_scores), "personal_eval_failed": len(failed)}
 
     async def _evaluate_chunk(self, round_num: int, clients: list[str],
                               weights: Weights) -> Sequence[Outcome]:

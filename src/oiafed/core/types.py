@@ -131,8 +131,9 @@ class RoundResult:
             ``train_accuracy`` and ``train_loss``, ``num_clients``, ``num_samples`` and
             ``round_time`` (seconds); with local test sets (``data.local_test_fraction``), on
             evaluated rounds, ``personal_accuracy``, ``personal_loss`` and the clients' spread
-            (``personal_accuracy_min``, ``_p10``, ``_median``, ``personal_clients``) and
-            ``personal_eval_time`` (seconds, apart from ``round_time``). Callbacks may add
+            (``personal_accuracy_min``, ``_p10``, ``_median``, ``personal_clients``),
+            ``personal_eval_failed`` (clients left out) and ``personal_eval_time`` (seconds,
+            apart from ``round_time``). Callbacks may add
             entries; they are recorded.
         updates: the clients' updates of this round.
     """
