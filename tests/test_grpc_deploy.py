@@ -355,6 +355,31 @@ def test_a_client_can_train_on_a_local_dataset(tmp_path):
     assert update.weights.keys() == model.state_dict().keys()
 
 
+def test_a_local_data_client_holds_out_its_local_test_set(tmp_path):
+    """``--local-data`` with ``data.local_test_fraction``: the client's own dataset less its
+    local test set trains; personal evaluation runs on that test set."""
+    from oiafed.core.learner import EVALUATE, TASK
+    from oiafed.core.types import ClientTask, RoundTask
+    from oiafed.runtime.envelope import decode_update, encode_client, encode_round
+    from oiafed.runtime.grpc.client import build_worker
+    from oiafed.runtime.worker import build_model
+
+    cfg = oiafed.load_config(tiny_config(data={"type": "digits", "num_clients": 4,
+                                               "local_test_fraction": 0.2}))
+    worker = build_worker(cfg, "client_2", local_data=True)
+    assert worker.local is not None and worker.local_test is not None
+    held_out = len(worker.local_test)
+    assert len(worker.local) + held_out == 1797 and 340 <= held_out <= 380
+    assert torch.bincount(worker.local_test.y).min() >= 30  # stratified: every digit held out
+    weights = build_model(cfg, worker.local).state_dict()
+    replies = [worker.execute(encode_round(RoundTask(1, weights, {"lr": 0.05}, {}, values)),
+                              encode_client(ClientTask("client_2", 7)))
+               for values in ({}, {TASK: EVALUATE})]
+    trained, evaluated = (decode_update(reply.update.to_bytes()) for reply in replies)
+    assert trained.num_samples == 1797 - held_out
+    assert evaluated.num_samples == held_out and 0 <= evaluated.metrics["accuracy"] <= 1
+
+
 ECHO_CLIENT = """
 import os, sys
 from oiafed import ClientUpdate

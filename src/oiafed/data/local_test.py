@@ -3,9 +3,15 @@ on which its personal model is evaluated."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from oiafed.exceptions import ConfigError
+from oiafed.seeding import LOCAL_TEST, rng
+
+if TYPE_CHECKING:
+    from oiafed.data.arrays import ArrayDataset
 
 KEY = "data.local_test_fraction"
 
@@ -46,3 +52,17 @@ def split_local_tests(parts: list[np.ndarray], labels: np.ndarray, fraction: flo
         train_parts.append(train)
         test_parts.append(np.sort(chosen))
     return train_parts, test_parts
+
+
+def split_own_data(data: ArrayDataset, fraction: float,
+                   seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """A client's own dataset (a gRPC client's ``--local-data``) as (training data, local test
+    set): held out as ``split_local_tests`` holds out a share of each part of a partition,
+    drawn from ``seed``.
+
+    Raises:
+        ConfigError: naming ``data.local_test_fraction`` when no training data would be left.
+    """
+    (train,), (test,) = split_local_tests([np.arange(len(data))], data.y.numpy(), fraction,
+                                          rng(seed, LOCAL_TEST))
+    return data.subset(train), data.subset(test)

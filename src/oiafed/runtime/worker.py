@@ -28,6 +28,7 @@ from oiafed.core.learner import EVALUATE, TASK, Learner
 from oiafed.core.types import ClientTask, ClientUpdate, RoundTask
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import FederatedData, FederatedSource, build_federated_data
+from oiafed.data.local_test import split_own_data
 from oiafed.device import CPU, apply_determinism, learner_device_name, resolve_device
 from oiafed.exceptions import ConfigError, InputError
 from oiafed.privacy.base import Privacy
@@ -106,15 +107,18 @@ class ClientWorker:
     For a partitioned pool, recently trained clients' datasets stay cached (up to
     ``DATA_CACHE_BYTES`` in all), so nothing is copied again for a client sampled again;
     on-demand sources keep their own bounded cache. With ``local`` (a gRPC client's
-    ``--local-data``), every client id trains on that one dataset. With ``resident``, the
-    cached datasets are kept on the learner's device (moved there once, not every round).
+    ``--local-data``), every client id trains on that one dataset, and ``local_test`` is its
+    local test set (with ``data.local_test_fraction``). With ``resident``, the cached datasets
+    are kept on the learner's device (moved there once, not every round).
     """
 
     def __init__(self, learner: Learner, data: FederatedSource | None,
-                 local: ArrayDataset | None = None, resident: bool = False) -> None:
+                 local: ArrayDataset | None = None, resident: bool = False,
+                 local_test: ArrayDataset | None = None) -> None:
         self.learner = learner
         self.data = data
         self.local = local
+        self.local_test = local_test
         device = getattr(learner, "device", CPU)
         self.resident_on: torch.device | None = device if resident and device != CPU else None
         if local is not None and self.resident_on is not None:
@@ -137,7 +141,8 @@ class ClientWorker:
         device: str | torch.device | None = None,
     ) -> ClientWorker:
         """Build a worker; without ``callbacks`` it builds the configured ones itself. With
-        ``local_data``, the configured dataset is loaded whole and trained on by every client.
+        ``local_data``, the configured dataset is loaded whole and trained on by every client
+        (less its local test set, with ``data.local_test_fraction``).
         The learner trains on ``device`` (default: ``runtime.device``, else ``device``, of
         ``cfg``) in ``cfg.precision``; ``cfg.deterministic`` is applied to this process.
 
@@ -149,7 +154,7 @@ class ClientWorker:
                                "runtime.device" if cfg.runtime.device else "device")
         apply_determinism(cfg.deterministic)
         registry.import_modules(cfg.imports)
-        local = None
+        local = local_test = None
         if local_data:
             local = registry.build("dataset", {"type": cfg.data.type, "args": cfg.data.args},
                                    "data", seed=cfg.seed)
@@ -157,6 +162,8 @@ class ClientWorker:
                 raise InputError(f"data.type {cfg.data.type!r} does not load one local dataset; "
                                  "--local-data needs one such as digits or mnist")
             model = build_model(cfg, local)
+            if cfg.data.local_test_fraction > 0:
+                local, local_test = split_own_data(local, cfg.data.local_test_fraction, cfg.seed)
         else:
             data = data if data is not None else build_federated_data(cfg.data, cfg.seed)
             model = copy.deepcopy(model) if model is not None else build_model(cfg, data)
@@ -173,7 +180,8 @@ class ClientWorker:
         elif where != CPU or cfg.precision != "32":
             raise ConfigError(f"{type(learner).__name__} has no place() (from oiafed's Learner) "
                               f"to train on {where} in precision {cfg.precision}", "learner.type")
-        return cls(learner, None if local_data else data, local, resident=cfg.runtime.resident)
+        return cls(learner, None if local_data else data, local, resident=cfg.runtime.resident,
+                   local_test=local_test)
 
     def client_data(self, client_id: str) -> ArrayDataset:
         """``client_id``'s local data, from the cache when it is there."""
@@ -217,17 +225,21 @@ class ClientWorker:
                        extras: dict[str, Any]) -> ClientUpdate:
         """``client``'s personal model evaluated on its local test set (``task`` is an
         evaluation round): an update of metrics only."""
-        if self.data is None:
-            raise ConfigError("personal evaluation needs the federation's local test sets "
-                              "(data.local_test_fraction); --local-data clients have none",
+        cid = client.client_id
+        if self.data is not None:
+            test = self.data.client_test_data(cid)
+        elif self.local_test is not None:
+            test = self.local_test
+        else:
+            raise ConfigError("personal evaluation needs local test sets, and this client "
+                              "started without data.local_test_fraction",
                               "data.local_test_fraction")
         evaluate_personal = getattr(self.learner, "evaluate_personal", None)
         if evaluate_personal is None:
             raise ConfigError(f"{type(self.learner).__name__} has no evaluate_personal() (from "
                               "oiafed's Learner) for personal evaluation", "learner.type")
-        cid = client.client_id
         update: ClientUpdate = await evaluate_personal(
-            cid, task.weights, self.client_data(cid), self.data.client_test_data(cid),
+            cid, task.weights, self.client_data(cid), test,
             round_num=task.round_num, seed=client.seed, config=task.config, **extras)
         return update
 
