@@ -503,23 +503,30 @@ def test_a_resumed_run_accounts_for_the_rounds_it_redoes(tmp_path):
 
 
 def test_a_resumed_local_dp_run_accounts_for_the_updates_it_redoes(tmp_path):
+    """Crashed twice before round 4 (the state holds round 2): round 3 is sent three times."""
     cfg = tiny_config(privacy=local(), strict=True,
                       trainer={"args": {"rounds": 4, "clients_per_round": 2}},
                       runtime={"checkpoint_every": 2, "checkpoint_interval": 0})
+    clients = tmp_path / "run" / "clients.jsonl"
+
+    def rows() -> list[dict]:
+        return [json.loads(line) for line in clients.read_text().splitlines()]
+
     with pytest.raises(CallbackError):
         oiafed.run(cfg, run_dir=tmp_path / "run", callbacks=[CrashBeforeRound(4)])
-    clients = tmp_path / "run" / "clients.jsonl"
-    sent = [json.loads(line) for line in clients.read_text().splitlines()]
-    assert {row["round"] for row in sent} == {1, 2, 3}  # the state holds round 2
+    sent = rows()
+    assert [row["round"] for row in sent] == [1, 1, 2, 2, 3, 3]
+    with pytest.raises(CallbackError):
+        oiafed.run(None, resume=tmp_path / "run", callbacks=[CrashBeforeRound(4)])
+    sent += rows()[4:]  # round 3 again
     resumed = oiafed.run(None, resume=tmp_path / "run")
-    redone = [json.loads(line) for line in clients.read_text().splitlines()]
-    assert [row["round"] for row in redone] == [row["round"] for row in sent[:4]] + [3, 3, 4, 4]
-    # every update sent counts, round 3's twice: its first rows, then its redone ones
+    sent += rows()[4:]  # round 3 a third time, round 4
+    assert [row["round"] for row in sent] == [1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 4, 4]
+    # every update sent counts: each row's epsilon is that of its client's sends so far
     steps: dict[str, list[tuple[float, int]]] = {}
-    for row in [*sent, *redone[4:]]:
+    for row in sent:
         steps.setdefault(row["client_id"], []).append((row["dp_sample_rate"], int(row["dp_steps"])))
         accountant = RDPAccountant()
         accountant.history = [(1.1, q, n) for q, n in steps[row["client_id"]]]
-        assert row["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-    assert resumed.history[-1]["epsilon_max"] == max(row["epsilon"] for row in redone[4:])
-    assert resumed.history[-1]["epsilon_max"] > max(row["epsilon"] for row in sent)
+        assert row["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9), row
+    assert resumed.history[-1]["epsilon_max"] == max(row["epsilon"] for row in sent)

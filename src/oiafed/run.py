@@ -269,19 +269,22 @@ def _resume(
         except Exception as exc:  # a component's load_state_dict may raise anything
             raise InputError(f"cannot resume: the saved state does not fit this config ({exc})") from exc
     history = folder.history_until(experiment.trainer.round_num)
-    if experiment.trainer.privacy is not None:  # rounds to redo were released all the same
-        experiment.trainer.privacy.count_released(
-            folder.read_metrics(), folder.client_rows_after(experiment.trainer.round_num))
+    privacy = experiment.trainer.privacy
+    if privacy is not None:  # rounds to redo were released all the same
+        privacy.count_released(folder.read_metrics(),
+                               folder.client_rows_after(experiment.trainer.round_num))
     # All is read and checked: from here on the folder changes (run() then drops the client
     # state versions after the round resumed from).
+    if state is not None:
+        if state["trainer"]["history"] is None:
+            experiment.trainer.history = history
+        restore_rng(state["rng"])
+        if privacy is not None:  # what it counted survives the rows of the rounds to redo
+            folder.save_state(experiment.trainer)
     folder.keep_rounds(experiment.trainer.round_num, history)
     if state is None:
         logger.warning("%s has no saved state yet (the run stopped before its first save): "
                        "it starts again from round 1", folder.path)
-    else:
-        if state["trainer"]["history"] is None:
-            experiment.trainer.history = history
-        restore_rng(state["rng"])
     if overrides:
         folder.write_config(saved)
     return folder, experiment

@@ -9,7 +9,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,7 +17,7 @@ from oiafed.config import ExperimentConfig, RuntimeConfig, fill_defaults
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
-from oiafed.jsonl import iter_jsonl, read_jsonl
+from oiafed.jsonl import read_jsonl
 from oiafed.state import STATE_FILE, Snapshot, StateWriter, take_snapshot
 
 CONFIG = "config.yaml"
@@ -363,11 +363,25 @@ class RunFolder:
         """The rows of ``metrics.jsonl`` (a last line cut short by a kill is skipped)."""
         return read_jsonl(self.path / METRICS)
 
-    def client_rows_after(self, round_num: int) -> list[dict[str, Any]]:
+    def client_rows_after(self, round_num: int) -> Iterator[dict[str, Any]]:
         """The rows of ``clients.jsonl`` of rounds after ``round_num`` (which a resumed run
-        redoes; a last line cut short by a kill is skipped)."""
-        return [row for row in iter_jsonl(self.path / CLIENTS)
-                if not isinstance(row.get("round"), int) or row["round"] > round_num]
+        redoes), read as they are taken; rows of earlier rounds are skipped unparsed, and a
+        line that is not a JSON object (cut short by a kill) is skipped."""
+        file = self.path / CLIENTS
+        if not file.exists():
+            return
+        with open(file, "rb") as handle:
+            for line in handle:
+                match = _ROUND_PREFIX.match(line)
+                if match and int(match.group(1)) <= round_num:
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and not (isinstance(row.get("round"), int)
+                                                  and row["round"] <= round_num):
+                    yield row
 
 
 def _round_of(line: bytes) -> int:

@@ -13,7 +13,7 @@ import logging
 import math
 import secrets
 from abc import ABC
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
@@ -167,7 +167,7 @@ class Privacy(ABC):  # noqa: B024 - every hook is optional, as a callback's
         return None
 
     def count_released(self, rows: Sequence[dict[str, JSON]],
-                       client_rows: Sequence[dict[str, JSON]]) -> None:
+                       client_rows: Iterable[dict[str, JSON]]) -> None:
         """On resume, before the rows of the rounds to redo are dropped: ``rows`` are every
         round row ``metrics.jsonl`` holds (those rounds were released), ``client_rows`` the
         ``clients.jsonl`` rows of the rounds to redo (those updates were sent)."""

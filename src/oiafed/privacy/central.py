@@ -33,7 +33,7 @@ resumed run reports at least the epsilon of everything it released.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -290,7 +290,7 @@ class CentralDP(Privacy):
                 "clip_norm": self._used_clip}
 
     def count_released(self, rows: Sequence[dict[str, JSON]],
-                       client_rows: Sequence[dict[str, JSON]]) -> None:
+                       client_rows: Iterable[dict[str, JSON]]) -> None:
         """Count the rounds released before the resume: the most any row says were, or its
         round number (a row of a version that did not count)."""
         for row in rows:

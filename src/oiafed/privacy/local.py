@@ -23,15 +23,16 @@ attacks); runs are then not reproducible. ``runtime.mode: grpc`` must choose
 
 Resume: a client's ``(q, steps)`` history is saved with the run's state; the steps of the
 rounds after the last save, which a resumed run redoes, are added from their ``clients.jsonl``
-rows (those updates were sent: redone, they are spent twice). Steps of a round cut short
-before its rows were written are not known, so not counted.
+rows (those updates were sent: redone, they are spent twice), and the resumed run saves its
+state at once, before those rows are dropped. Steps of a round cut short before its rows were
+written are not known, so not counted.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -297,7 +298,7 @@ class LocalDP(Privacy):
                 outcome.metrics["epsilon"] = self._add_steps(outcome.client_id, outcome.metrics)
 
     def count_released(self, rows: Sequence[dict[str, JSON]],
-                       client_rows: Sequence[dict[str, JSON]]) -> None:
+                       client_rows: Iterable[dict[str, JSON]]) -> None:
         """Add the steps of the client rows of the rounds to redo (module docstring)."""
         for row in client_rows:
             cid = row.get("client_id")
