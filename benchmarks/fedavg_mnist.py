@@ -310,10 +310,13 @@ def command_grid(args: argparse.Namespace) -> None:
 def command_reach(args: argparse.Namespace) -> None:
     """Each learning rate runs until 99 % or ``--rounds``, whatever the others took."""
     for lr in args.lrs:
-        name = f"reach_iid_lr{lr:g}.json"
-        if not finished(name):
-            measured_run(name, "reach", "iid", args.mnist_root, lr=lr, seed=args.seed,
-                         rounds=args.rounds, stop_at=TARGET)
+        name = f"reach_iid_lr{lr:g}" + (f"_seed{args.seed}" if args.seed else "") + ".json"
+        if finished(name):
+            done = json.loads((RESULTS / name).read_text())
+            if done["rounds_to_99"] is not None or done["max_rounds"] >= args.rounds:
+                continue  # reached, or not within as many rounds as asked now
+        measured_run(name, "reach", "iid", args.mnist_root, lr=lr, seed=args.seed,
+                     rounds=args.rounds, stop_at=TARGET)
 
 
 def command_noniid(args: argparse.Namespace) -> None:
@@ -353,15 +356,16 @@ def command_table(args: argparse.Namespace) -> None:
                      f"{rec['machine']['date']}, {rec['machine']['threads']} threads |")
     reach = sorted(load_records("reach"), key=lambda r: r["lr"])
     if reach:
-        lines += ["", "Rounds each learning rate takes to 99 % (IID, seed 0; each run on its "
-                  "own, stopped at 99 % or its round cap):", "",
-                  "| lr | rounds to 99 % | accuracy at round 20 (%) | best accuracy (%) | "
-                  "machine |", "|---|---|---|---|---|"]
+        lines += ["", "Rounds each learning rate takes to 99 % (IID; each run on its own, "
+                  "stopped at 99 % or its round cap):", "",
+                  "| lr | seed | rounds to 99 % | accuracy at round 20 (%) | best accuracy (%) | "
+                  "machine |", "|---|---|---|---|---|---|"]
         for rec in reach:
             rows = rec["rows"]
             at_20 = f"{100 * rows[19]['accuracy']:.2f}" if len(rows) >= 20 else "-"
             best = max(rows, key=lambda row: row["accuracy"])
-            lines.append(f"| {rec['lr']:g} | {fmt_rounds(rec)} (cap {rec['max_rounds']}) | "
+            lines.append(f"| {rec['lr']:g} | {rec['seed']} | {fmt_rounds(rec)} "
+                         f"(cap {rec['max_rounds']}) | "
                          f"{at_20} | {100 * best['accuracy']:.2f} (round {best['round']}) | "
                          f"{rec['machine']['date']}, {rec['machine']['threads']} threads |")
     for rec in load_records("noniid"):
@@ -419,7 +423,7 @@ def main() -> None:
     parser.add_argument("--mnist-root", type=Path, default=DEFAULT_MNIST,
                         help="folder of MNIST's four IDX files (../shared/data/mnist)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of grid and noniid (0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of grid, reach and noniid (0)")
     sub = parser.add_subparsers(dest="command", required=True)
     grid = sub.add_parser("grid", help="IID learning-rate grid")
     grid.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.215, 0.464, 0.0464])

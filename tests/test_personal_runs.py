@@ -74,6 +74,7 @@ def test_evaluating_in_chunks_of_one_client_changes_no_metric(tmp_path, monkeypa
     last = chunked.history[-1]
     assert last["personal_clients"] == 6
     assert last["personal_eval_time"] > 0 and last["round_time"] > 0
+    assert last["personal_eval_failed"] == 0
 
 
 def test_fedper_with_an_empty_head_is_fedavg(tmp_path):

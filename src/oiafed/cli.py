@@ -9,8 +9,8 @@ import gc
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -130,14 +130,25 @@ def _run(args: argparse.Namespace, console: Console) -> None:
     if args.config and "=" in args.config:
         args.overrides, args.config = [args.config, *args.overrides], None
     extra = [] if args.quiet else [ProgressCallback(console)]
-    started = time.time()
+    before = _report_stamp(args.resume or args.run_dir)
     result = run(args.config, run_dir=args.run_dir, resume=args.resume,
                  callbacks=extra, overrides=args.overrides)
     if not args.quiet:
-        _report(result, console, started)
+        _report(result, console, before)
 
 
-def _report(result: TrainResult, console: Console, started: float) -> None:
+def _report_stamp(run_dir: str | None) -> tuple[int, int] | None:
+    """Inode and modification time of ``run_dir``'s report.html (None: there is none)."""
+    try:
+        stat = (Path(run_dir) / REPORT_HTML).stat() if run_dir else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_ino, stat.st_mtime_ns)
+
+
+def _report(result: TrainResult, console: Console, before: tuple[int, int] | None) -> None:
+    """What a finished run prints: its outcome, best and final metrics, folder and report
+    (when the run wrote one: ``before`` is the stamp of any report.html it started with)."""
     best = result.best()
     console.print(f"[bold]done[/bold]: {result.rounds_completed} rounds, {result.stop_reason}"
                   f"{f' (by {result.stopped_by})' if result.stopped_by else ''}, "
@@ -150,9 +161,11 @@ def _report(result: TrainResult, console: Console, started: float) -> None:
                       f"tracebacks in {result.run_dir and result.run_dir / RUN_LOG}",
                       highlight=False, soft_wrap=True)
     console.print(f"run folder: {result.run_dir}", highlight=False, soft_wrap=True)
-    page = result.run_dir / REPORT_HTML if result.run_dir else None
-    if page is not None and page.exists() and page.stat().st_mtime >= started - 1:  # coarse file clocks
-        console.print(f"report: {page}", highlight=False, soft_wrap=True)
+    if result.run_dir is not None:
+        stamp = _report_stamp(str(result.run_dir))
+        if stamp is not None and stamp != before:  # written anew (atomically: a new inode)
+            console.print(f"report: {result.run_dir / REPORT_HTML}", highlight=False,
+                          soft_wrap=True)
 
 
 def _server(args: argparse.Namespace, console: Console) -> None:
@@ -171,12 +184,12 @@ def _server(args: argparse.Namespace, console: Console) -> None:
     overrides = [*args.overrides, "runtime.mode=grpc", f"runtime.address={json.dumps(args.address)}"]
     logging.getLogger("oiafed.runtime.grpc").setLevel(logging.INFO)
     extra = [] if args.quiet else [ProgressCallback(console)]
-    started = time.time()
+    before = _report_stamp(args.resume or args.run_dir)
     with use_security(security):
         result = run(args.config, run_dir=args.run_dir, resume=args.resume, callbacks=extra,
                      overrides=overrides)
     if not args.quiet:
-        _report(result, console, started)
+        _report(result, console, before)
 
 
 def _client(args: argparse.Namespace, console: Console) -> int:

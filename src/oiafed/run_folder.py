@@ -29,7 +29,9 @@ CLIENT_STATES = "client_state"
 """The folder of the algorithm's per-client state versions (``core.client_states``)."""
 RUN_LOG = "run.log"
 REPORT_HTML = "report.html"
+"""The run's report page (``oiafed report``, ``report: true``)."""
 PLOTS_DIR = "report"
+"""The folder, inside the run folder, of the report's PNG files."""
 _ROUND_PREFIX = re.compile(rb'\{"round": (\d+)[,}]')
 logger = logging.getLogger(__name__)
 

@@ -63,6 +63,10 @@ def split_own_data(data: ArrayDataset, fraction: float,
     Raises:
         ConfigError: naming ``data.local_test_fraction`` when no training data would be left.
     """
-    (train,), (test,) = split_local_tests([np.arange(len(data))], data.y.numpy(), fraction,
-                                          rng(seed, LOCAL_TEST))
+    try:
+        (train,), (test,) = split_local_tests([np.arange(len(data))], data.y.numpy(), fraction,
+                                              rng(seed, LOCAL_TEST))
+    except ConfigError:
+        raise ConfigError(f"this client's local dataset has {len(data)} sample(s): a local test "
+                          f"share of {fraction} leaves it no training data", KEY) from None
     return data.subset(train), data.subset(test)

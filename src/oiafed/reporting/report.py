@@ -17,7 +17,6 @@ from oiafed.run_folder import PLOTS_DIR, REPORT_HTML, RUN_LOG
 
 logger = logging.getLogger(__name__)
 
-"""The folder, inside the run folder, of the report's PNG files."""
 _LOG_TAIL_BYTES = 64 * 1024
 
 

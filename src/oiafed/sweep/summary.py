@@ -95,6 +95,10 @@ def recorded(runs: Iterable[RunRecord], metric: str) -> bool:
 
 def meaning(metric: str) -> str:
     """What ``metric`` measures, for the summary's first line."""
+    if metric == "personal_eval_failed":
+        return "clients whose personal evaluation failed (left out)"
+    if metric == "personal_eval_time":
+        return "seconds of the personal evaluation"
     if metric.startswith("personal_"):
         return "of the clients' personal models on their local test sets"
     if metric.startswith("train_"):
