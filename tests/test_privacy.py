@@ -26,6 +26,7 @@ from oiafed.data.arrays import ArrayDataset
 from oiafed.exceptions import (
     CallbackError,
     ConfigError,
+    InputError,
     PrivacyError,
     RegistryError,
     SelectionError,
@@ -34,6 +35,7 @@ from oiafed.privacy.accounting import central_epsilon, local_epsilon
 from oiafed.privacy.central import CentralDP, clip_update
 from oiafed.privacy.local import DPSGDTraining, LocalDP
 from oiafed.registry import register
+from oiafed.run_folder import RunFolder
 from support import RegistrySnapshot, assert_same_weights, tiny_config, without_timing
 
 
@@ -530,3 +532,15 @@ def test_a_resumed_local_dp_run_accounts_for_the_updates_it_redoes(tmp_path):
         accountant.history = [(1.1, q, n) for q, n in steps[row["client_id"]]]
         assert row["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9), row
     assert resumed.history[-1]["epsilon_max"] == max(row["epsilon"] for row in sent)
+
+
+def test_the_rows_of_rounds_to_redo_are_read_strictly_but_a_cut_last_line_is_skipped(tmp_path):
+    rows = [{"round": r, "client_id": f"c{r}", "dp_steps": 1.0} for r in (1, 2, 3)]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "clients.jsonl").write_text(text + '{"round": 3, "client_id": "c4", "dp_st')
+    folder = RunFolder(tmp_path)
+    assert [row["client_id"] for row in folder.client_rows_after(1)] == ["c2", "c3"]
+    (tmp_path / "clients.jsonl").write_text(text.replace('"c2"', '"c2'))  # damaged, not last
+    with pytest.raises(InputError, match="line 2 is not JSON"):
+        list(folder.client_rows_after(1))
+    assert list(RunFolder(tmp_path / "none").client_rows_after(0)) == []

@@ -141,7 +141,7 @@ def _report_stamp(run_dir: str | None) -> tuple[int, int] | None:
     """Inode and modification time of ``run_dir``'s report.html (None: there is none)."""
     try:
         stat = (Path(run_dir) / REPORT_HTML).stat() if run_dir else None
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
     return None if stat is None else (stat.st_ino, stat.st_mtime_ns)
 

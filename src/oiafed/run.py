@@ -280,7 +280,7 @@ def _resume(
             experiment.trainer.history = history
         restore_rng(state["rng"])
         if privacy is not None:  # what it counted survives the rows of the rounds to redo
-            folder.save_state(experiment.trainer)
+            folder.save_state_now(experiment.trainer)
     folder.keep_rounds(experiment.trainer.round_num, history)
     if state is None:
         logger.warning("%s has no saved state yet (the run stopped before its first save): "

@@ -238,6 +238,20 @@ class RunFolder:
         if self.checkpoint_every:
             self._write(trainer.round_num, take_snapshot(trainer.state_dict(include_history=False)))
 
+    def save_state_now(self, trainer: Any) -> None:
+        """Write the resumable state of ``trainer`` whatever the checkpoint policy, and wait
+        until it is on disk (a resume keeping what it counted before it drops rows).
+
+        Raises:
+            InputError: when the state file cannot be written (nothing else has changed).
+        """
+        self._write(trainer.round_num, take_snapshot(trainer.state_dict(include_history=False)))
+        try:
+            self._state_writer.wait()
+        except OSError as exc:
+            raise InputError(f"cannot resume: cannot write the state file in {self.path}: "
+                             f"{exc.strerror or exc}") from None
+
     def save_pending(self) -> None:
         """Write the last snapshot kept back by ``checkpoint_interval``, if any."""
         if self._pending is not None:
@@ -367,22 +381,34 @@ class RunFolder:
 
     def client_rows_after(self, round_num: int) -> Iterator[dict[str, Any]]:
         """The rows of ``clients.jsonl`` of rounds after ``round_num`` (which a resumed run
-        redoes), read as they are taken; rows of earlier rounds are skipped unparsed, and a
-        line that is not a JSON object (cut short by a kill) is skipped."""
+        redoes), read as they are taken; rows of earlier rounds are skipped unparsed, and so
+        is a last line cut short by a kill.
+
+        Raises:
+            InputError: naming the file and line, for another line that is not a JSON
+                object, or a file that cannot be read.
+        """
         file = self.path / CLIENTS
-        if not file.exists():
+        try:
+            handle = open(file, "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
             return
-        with open(file, "rb") as handle:
-            for line in handle:
+        except OSError as exc:
+            raise InputError(f"cannot read {file}: {exc.strerror or exc}") from None
+        with handle:
+            for number, line in enumerate(handle, start=1):
                 match = _ROUND_PREFIX.match(line)
                 if match and int(match.group(1)) <= round_num:
                     continue
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    continue
-                if isinstance(row, dict) and not (isinstance(row.get("round"), int)
-                                                  and row["round"] <= round_num):
+                    if not line.endswith(b"\n"):  # the last line, cut short
+                        return
+                    raise InputError(f"{file} line {number} is not JSON") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{file} line {number} is not a JSON object")
+                if not (isinstance(row.get("round"), int) and row["round"] <= round_num):
                     yield row
 
 
