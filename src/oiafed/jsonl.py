@@ -4,16 +4,18 @@ while it does: the last line may be cut short (being written, or by a kill) and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from oiafed.exceptions import InputError
 
 
-def iter_jsonl(file: Path) -> Iterator[dict[str, Any]]:
+def iter_jsonl(file: Path, skip: Callable[[str], bool] | None = None
+               ) -> Iterator[dict[str, Any]]:
     """The JSON objects of ``file``, one at a time (none when it does not exist). The last
-    non-blank line, when it is not JSON, is skipped.
+    non-blank line, when it is not JSON, is skipped; so is, unparsed, a line ``skip`` is true
+    for.
 
     Raises:
         InputError: naming the file and line, for another line that is not JSON, a line
@@ -32,6 +34,8 @@ def iter_jsonl(file: Path) -> Iterator[dict[str, Any]]:
                 continue
             if cut is not None:
                 raise InputError(f"{file} line {cut} is not JSON")
+            if skip is not None and skip(line):
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

@@ -17,7 +17,7 @@ from oiafed.config import ExperimentConfig, RuntimeConfig, fill_defaults
 from oiafed.core.types import TrainResult
 from oiafed.exceptions import InputError
 from oiafed.io import atomic_write_json, atomic_write_text
-from oiafed.jsonl import read_jsonl
+from oiafed.jsonl import iter_jsonl, read_jsonl
 from oiafed.state import STATE_FILE, Snapshot, StateWriter, take_snapshot
 
 CONFIG = "config.yaml"
@@ -381,35 +381,19 @@ class RunFolder:
 
     def client_rows_after(self, round_num: int) -> Iterator[dict[str, Any]]:
         """The rows of ``clients.jsonl`` of rounds after ``round_num`` (which a resumed run
-        redoes), read as they are taken; rows of earlier rounds are skipped unparsed, and so
-        is a last line cut short by a kill.
+        redoes), read as they are taken (``iter_jsonl``: a last line cut short by a kill is
+        skipped); rows of earlier rounds are skipped unparsed.
 
         Raises:
             InputError: naming the file and line, for another line that is not a JSON
                 object, or a file that cannot be read.
         """
-        file = self.path / CLIENTS
-        try:
-            handle = open(file, "rb")  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise InputError(f"cannot read {file}: {exc.strerror or exc}") from None
-        with handle:
-            for number, line in enumerate(handle, start=1):
-                match = _ROUND_PREFIX.match(line)
-                if match and int(match.group(1)) <= round_num:
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    if not line.endswith(b"\n"):  # the last line, cut short
-                        return
-                    raise InputError(f"{file} line {number} is not JSON") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{file} line {number} is not a JSON object")
-                if not (isinstance(row.get("round"), int) and row["round"] <= round_num):
-                    yield row
+        def earlier(line: str) -> bool:
+            match = _ROUND_PREFIX.match(line.encode())
+            return match is not None and int(match.group(1)) <= round_num
+
+        return (row for row in iter_jsonl(self.path / CLIENTS, skip=earlier)
+                if not (isinstance(row.get("round"), int) and row["round"] <= round_num))
 
 
 def _round_of(line: bytes) -> int:
