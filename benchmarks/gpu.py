@@ -17,6 +17,9 @@ Measured on ``--device`` (default ``auto``):
 * the parallel runtime with ``--workers`` (default 1, 2, 4, 8) worker processes sharing the
   GPU(s) round-robin: seconds per round.
 
+The figures, the machine, the date and the command go to ``--out`` (default
+``benchmarks/results/gpu``) as ``<device type>.json``.
+
 Without a GPU it says so and exits 0, unless ``--device cpu`` is given (the CPU path; use
 ``--quick`` for tiny sizes). Run from the repository root:
 
@@ -27,10 +30,13 @@ Without a GPU it says so and exits 0, unless ``--device cpu`` is given (the CPU 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gzip
+import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -171,6 +177,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--workers", default=None, help="comma-separated (default 1,2,4,8)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu")
     args = parser.parse_args()
     explicit = args.device is not None
     args.device = args.device or "auto"
@@ -184,9 +191,14 @@ def main() -> int:
     if args.quick:
         args.epochs = min(args.epochs, 1)
     workers = [int(w) for w in (args.workers or ("1,2" if args.quick else "1,2,4,8")).split(",")]
-    print(f"{device} ({device_name(device)}), torch {torch.__version__}: {args.clients} "
-          f"clients x {per_client} MNIST images, CNN 32-64-512, E={args.epochs}, "
-          f"B={args.batch}, {args.rounds} rounds")
+    workload = (f"{args.clients} clients x {per_client} MNIST images, CNN 32-64-512, "
+                f"E={args.epochs}, B={args.batch}, {args.rounds} rounds")
+    print(f"{device} ({device_name(device)}), torch {torch.__version__}: {workload}")
+    results: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "workload": workload, "parallel": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "mnist"
         root.mkdir()
@@ -199,11 +211,18 @@ def main() -> int:
         plain_time = plain_rounds(base, device, args.rounds)
         print(f"serial round: oiafed {oiafed_time:.3f} s, plain PyTorch {plain_time:.3f} s, "
               f"ratio {oiafed_time / plain_time:.2f}; GPU utilisation {usage.text()}")
+        results.update(oiafed_round_s=oiafed_time, plain_round_s=plain_time,
+                       ratio=oiafed_time / plain_time, gpu_utilisation=usage.text())
         for count in workers:
             run = oiafed.run(config(root, args, mode="parallel", workers=count),
                              run_dir=Path(tmp) / f"parallel-{count}")
             print(f"parallel, {count} worker(s) sharing {device}: "
                   f"{round_times(run.history):.3f} s per round")
+            results["parallel"][count] = round_times(run.history)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{device.type}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(f"written: {out}")
     return 0
 
 

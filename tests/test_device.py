@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -126,6 +127,9 @@ def test_run_folder_records_the_device(tmp_path):
     assert record["device"] == "cpu" and record["learners"] == "cpu"
     assert isinstance(record["name"], str) and record["name"]
     assert (record["precision"], record["deterministic"]) == ("32", False)
+    # an MPS run: the learners on MPS, the server's float64 part on the CPU
+    mps = dev.record(load_config({"device": "mps"}), torch.device("cpu"))
+    assert (mps["device"], mps["learners"]) == ("cpu", "mps")
 
 
 def test_load_model_on_a_device(tmp_path):
@@ -154,6 +158,18 @@ def test_worker_device_spreads_over_visible_gpus(monkeypatch):
     assert [dev.worker_device("cuda", i) for i in range(4)] == [
         "cuda:0", "cuda:1", "cuda:2", "cuda:0"]
     assert dev.worker_device("cuda:2", 0) == "cuda:2"
+
+
+@pytest.mark.parametrize(("runtime", "key"), [
+    ({}, "runtime.num_gpus_per_client"),  # Ray hides the GPUs of an actor reserving none
+    ({"num_gpus_per_client": 0.5, "device": "cuda:1"}, "runtime.device"),
+])
+def test_ray_learners_on_cuda_need_a_gpu_share_and_plain_cuda(runtime, key):
+    config = tiny_config(device="cuda", runtime={"mode": "ray", **runtime})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: "):
+        oiafed.validate(config)
+    oiafed.validate(tiny_config(device="cuda", runtime={"mode": "ray",
+                                                        "num_gpus_per_client": 0.5}))
 
 
 def test_ray_actor_options_reserve_gpus():
@@ -222,3 +238,42 @@ def test_parallel_two_workers_on_cuda(tmp_path):
                         run_dir=tmp_path / "run")
     assert finite_history(result.history)
     assert result.history[-1]["num_clients"] == 4
+
+
+CUDA_ALGORITHMS = {"fedprox": {"mu": 0.1}, "scaffold": {}, "fednova": {}, "feddyn": {"alpha": 0.1},
+                   "fedadam": {"server_lr": 0.05}, "krum": {"f": 1}, "ditto": {}, "fedper": {},
+                   "fedrep": {"head_epochs": 1}, "fedbn": {}, "moon": {}}
+
+
+@cuda
+@pytest.mark.parametrize("devices", [("cuda", None), ("cuda", "cpu"), ("cpu", "cuda")])
+@pytest.mark.parametrize("name", list(CUDA_ALGORITHMS))
+def test_every_algorithm_with_the_server_and_learners_on_either_device(tmp_path, name, devices):
+    server, learners = devices
+    result = oiafed.run(tiny_config(
+        device=server, runtime={"device": learners},
+        data={"type": "digits", "num_clients": 4, "local_test_fraction": 0.2},
+        model={"type": "mlp", "args": {"hidden": [16]}},
+        aggregator={"type": name, "args": CUDA_ALGORITHMS[name]}), run_dir=tmp_path / "run")
+    assert finite_history(result.history)
+    assert all(v.device.type == "cpu" for v in result.weights.values())
+
+
+@cuda
+def test_central_dp_with_secure_aggregation_on_a_cuda_server(tmp_path):
+    result = oiafed.run(tiny_config(
+        device="cuda", data={"type": "digits", "num_clients": 3},
+        trainer={"args": {"rounds": 2, "clients_per_round": 3}},
+        privacy={"type": "central", "args": {"noise_multiplier": 0.1, "clip_norm": 1.0,
+                                              "secure_rng": False}},
+        runtime={"mode": "grpc", "secure_aggregation": {}}), run_dir=tmp_path / "run")
+    assert finite_history(result.history)
+
+
+@cuda
+def test_early_stopping_restores_best_weights_on_the_cpu(tmp_path):
+    from oiafed.callbacks import EarlyStoppingCallback
+
+    result = oiafed.run(tiny_config(device="cuda"), run_dir=tmp_path / "run", callbacks=[
+        EarlyStoppingCallback(metric="accuracy", patience=1, restore_best_weights=True)])
+    assert all(v.device.type == "cpu" for v in result.weights.values())

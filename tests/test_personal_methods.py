@@ -185,6 +185,24 @@ def test_ditto_with_lambda_to_infinity_tracks_the_global_model():
     assert_close(personal, glob)
 
 
+def test_no_ditto_pull_follows_a_step_the_gradient_scaler_skipped():
+    # 16-mixed needs CUDA; the scaler's skip logic is the same on every device, so a CPU
+    # scaler drives it here. A NaN input gives NaN gradients: the scaler skips every step.
+    model = tiny_model()
+    glob, own = weights_of(model), weights_of(model, 0.5)
+    learner = learner_of("ditto", copy.deepcopy(model))
+    learner.precision, learner._scaler = "16-mixed", torch.amp.GradScaler("cpu")
+    data = tiny_data()
+    data.x[0, 0] = float("nan")
+    update = asyncio.run(learner.fit(
+        "client_0", glob, data, round_num=1, seed=3, config={},
+        tensors={PERSONAL + k: v for k, v in own.items()},
+        values={"lambda": 2.0, "personal_epochs": None}))
+    assert_close(update.weights, glob)  # no step taken, none counted
+    assert learner.steps == 0
+    assert_close({k[len(PERSONAL):]: v for k, v in update.extra_tensors.items()}, own)
+
+
 def test_moon_adds_the_model_contrastive_loss():
     model = tiny_model()
     glob, prev = weights_of(model), weights_of(model, 0.3)

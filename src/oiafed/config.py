@@ -182,7 +182,8 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     device: str = "auto"
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
-    the server's (global model, evaluation, aggregation) and the learners' device."""
+    the server's (global model, evaluation, aggregation; the CPU for ``mps``, which has no
+    float64) and the learners' device."""
     precision: Literal["32", "bf16", "16-mixed"] = "32"
     """Training precision: ``bf16`` autocast (CPU or GPU), ``16-mixed`` (CUDA: float16
     autocast and a gradient scaler)."""
@@ -365,6 +366,29 @@ def check_components(cfg: ExperimentConfig, folder: str | Path | None = None) ->
         from oiafed.secagg.checks import check_config
 
         check_config(cfg)
+    if cfg.runtime.mode == "ray":
+        check_ray_devices(cfg)
+
+
+def check_ray_devices(cfg: ExperimentConfig) -> None:
+    """Ray shows an actor only the GPUs it reserves: learners on ``cuda`` need
+    ``runtime.num_gpus_per_client`` > 0, and an actor's GPU is ``cuda`` (``cuda:N`` names
+    one it may not see).
+
+    Raises:
+        ConfigError: naming ``runtime.num_gpus_per_client`` or the learners' device key.
+    """
+    name = cfg.runtime.device or cfg.device
+    key = "runtime.device" if cfg.runtime.device else "device"
+    if not name.startswith("cuda"):
+        return
+    if cfg.runtime.num_gpus_per_client == 0:
+        raise ConfigError(f"learners on {name} in Ray actors need a GPU share: Ray hides every "
+                          "GPU from an actor that reserves none; set it, e.g. 0.25 (four actors "
+                          "per GPU)", "runtime.num_gpus_per_client")
+    if name != "cuda":
+        raise ConfigError(f"{name} in a Ray actor: the actor sees only the GPU Ray gives it; "
+                          "use cuda (or auto)", key)
 
 
 def pair_halves(cfg: ExperimentConfig) -> None:

@@ -1,12 +1,12 @@
 """Devices, precision and determinism: where models train and evaluate, and how.
 
 Config keys (``config.py``): ``device`` (``auto | cpu | cuda | cuda:N | mps``; ``auto``: CUDA
-when available, else the CPU) is the server's (global model, evaluation, aggregation) and, by
-default, the learners'; ``runtime.device`` overrides it for the learners alone (wherever they
-run: this process, worker processes, Ray actors, gRPC clients; ``oiafed client --device``
-overrides it for one client). ``precision`` (``32 | bf16 | 16-mixed``) and ``deterministic``
-apply in every process that trains. Weights always cross process and network boundaries as
-CPU tensors, and a learner's update holds CPU tensors.
+when available, else the CPU) is the server's (global model, evaluation, aggregation; the CPU
+for ``mps``) and, by default, the learners'; ``runtime.device`` overrides it for the
+learners alone (wherever they run: this process, worker processes, Ray actors, gRPC clients;
+``oiafed client --device`` overrides it for one client). ``precision`` (``32 | bf16 |
+16-mixed``) and ``deterministic`` apply in every process that trains. Weights always cross
+process and network boundaries as CPU tensors, and a learner's update holds CPU tensors.
 """
 
 from __future__ import annotations
@@ -55,6 +55,26 @@ def resolve_device(name: str | torch.device | None, key: str = "device") -> torc
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{name} requested but torch.backends.mps.is_available() is False", key)
     return device
+
+
+def server_device(name: str) -> torch.device:
+    """The server's device for the config's ``device``: as resolved, but the CPU for MPS
+    (the server sums and evaluates in float64, which MPS does not have)."""
+    device = resolve_device(name)
+    return CPU if device.type == "mps" else device
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums kept on ``device``: float64, or float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def seed_device(device: torch.device, seed: int) -> None:
+    """Seed ``device``'s own generator (randomness inside a model on a GPU: dropout), that
+    one GPU only; nothing for the CPU (its generator is seeded apart) or MPS."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def learner_device_name(cfg: Any) -> str:
@@ -117,6 +137,7 @@ def apply_determinism(deterministic: bool) -> None:
 def record(cfg: Any, server: torch.device) -> dict[str, Any]:
     """What the run folder records (``summary.json``'s ``device``)."""
     learners = cfg.runtime.device or cfg.device
+    same = learners == cfg.device and learners != "mps"  # an MPS run's server is the CPU
     return {"device": str(server), "name": device_name(server),
-            "learners": str(server) if learners == cfg.device else learners,
+            "learners": str(server) if same else learners,
             "precision": cfg.precision, "deterministic": cfg.deterministic}

@@ -26,6 +26,7 @@ from oiafed.device import (
     learner_device_name,
     record,
     resolve_device,
+    server_device,
 )
 from oiafed.exceptions import ConfigError, InputError
 from oiafed.run_folder import CLIENT_STATES, RunFolder
@@ -58,7 +59,7 @@ class Experiment:
         Raises:
             ConfigError: naming the key, for a device not available here.
         """
-        server = resolve_device(cfg.device)
+        server = server_device(cfg.device)
         learners_here = cfg.runtime.mode in ("serial", "parallel")
         if learners_here:
             key = "runtime.device" if cfg.runtime.device else "device"

@@ -21,7 +21,7 @@ import torch
 from oiafed.core.aggregators import Aggregator, buffers, extras_problem, weighted_average
 from oiafed.core.learner import Learner
 from oiafed.core.types import ClientUpdate, RoundPlan, Tensors, Weights
-from oiafed.device import CPU
+from oiafed.device import CPU, accumulator_dtype
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
@@ -133,17 +133,18 @@ class ScaffoldLearner(Learner):
         self._params = floating_parameters(self)
         self._c: dict[str, torch.Tensor] = {}
         self._corrections: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        wide = accumulator_dtype(self.device)
         for name, p in self._params:
             c, c_i = sent.get(C + name), sent.get(C_I + name)
             if c is not None:
-                self._c[name] = c.to(p.device, torch.float64)
+                self._c[name] = c.to(p.device, wide)
             if c is None and c_i is None:
                 continue
-            correction = torch.zeros_like(p, dtype=torch.float64)
+            correction = torch.zeros_like(p, dtype=wide)
             if c is not None:
-                correction += c.to(p.device, torch.float64)
+                correction += c.to(p.device, wide)
             if c_i is not None:
-                correction -= c_i.to(p.device, torch.float64)
+                correction -= c_i.to(p.device, wide)
             self._corrections.append((p, correction.to(p.dtype)))
 
     def before_optimizer_step(self) -> None:
@@ -154,12 +155,12 @@ class ScaffoldLearner(Learner):
                 p.grad.add_(correction)
 
     def end_fit(self, update: ClientUpdate) -> None:
-        start = self.global_weights
+        start, wide = self.global_weights, accumulator_dtype(self.device)
         for name, p in self._params:
             if self.steps == 0:  # no step, no estimate: c_i stays
-                delta = torch.zeros_like(p, dtype=torch.float64)
+                delta = torch.zeros_like(p, dtype=wide)
             else:
-                delta = ((start[name].to(torch.float64) - p.detach().to(torch.float64))
+                delta = ((start[name].to(wide) - p.detach().to(wide))
                          / (self.steps * self.round_lr))
                 if name in self._c:
                     delta -= self._c[name]

@@ -127,7 +127,8 @@ class EarlyStoppingCallback(Callback):
             self.best, self.best_round, self.counter = current, round_num, 0
             model: nn.Module | None = getattr(trainer, "model", None)
             if self.restore_best_weights and model is not None:
-                self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self.best_weights = {k: v.detach().to("cpu", copy=True)
+                                     for k, v in model.state_dict().items()}
             return
         self.counter += 1
         if self.counter >= max(self.patience, 1) and round_num >= self.min_rounds:

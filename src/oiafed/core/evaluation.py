@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from oiafed.data.arrays import ArrayDataset
+from oiafed.device import accumulator_dtype
 
 
 def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024,
@@ -17,16 +18,18 @@ def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024,
         return {"accuracy": float("nan"), "loss": float("nan")}
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    where = device if device is not None else data.x.device
+    # the sums stay where the model is: one sync at the end, not one per batch
+    loss_sum = torch.zeros((), dtype=accumulator_dtype(where), device=where)
+    correct = torch.zeros((), dtype=torch.int64, device=where)
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             x = data.x[start:start + batch_size]
             y = data.y[start:start + batch_size]
-            if device is not None and x.device != device:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if x.device != where:
+                x, y = x.to(where, non_blocking=True), y.to(where, non_blocking=True)
             logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += int((logits.argmax(dim=1) == y).sum())
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").to(loss_sum.dtype)
+            correct += (logits.argmax(dim=1) == y).sum()
     model.train(was_training)
-    return {"accuracy": correct / len(data), "loss": float(loss_sum) / len(data)}
+    return {"accuracy": int(correct) / len(data), "loss": float(loss_sum) / len(data)}

@@ -13,9 +13,9 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.client_state import ClientStateStore
 from oiafed.core.evaluation import evaluate
 from oiafed.core.types import JSON, ClientUpdate, Tensors, Weights
-from oiafed.core.weights import load_weights
+from oiafed.core.weights import load_weights, to_device
 from oiafed.data.arrays import ArrayDataset
-from oiafed.device import CPU, autocast, check_precision
+from oiafed.device import CPU, accumulator_dtype, autocast, check_precision, seed_device
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 
@@ -145,7 +145,7 @@ class Learner:
         self._pre_step: Callable[[], None] | None = None
         self.post_step: Callable[[], None] | None = None
         """Called after each ``optimizer.step()`` of ``train_epoch`` when set (Ditto's
-        proximal pull)."""
+        proximal pull); not after a step the 16-mixed gradient scaler skipped."""
         self.private_training: PrivateTraining | None = None
         """Sample-level DP (``privacy.type: local``): its epochs replace ``train_epoch``'s."""
 
@@ -214,7 +214,10 @@ class Learner:
         generator = self._start_task(client_id, weights, round_num, seed, config, tensors,
                                      values)
         store = self.state_store
-        self.client_state = store.get(client_id, {}) if store is not None else None
+        # a stored state's tensors are on the learner's device while it trains (memory and disk
+        # alike) and stored on the CPU
+        self.client_state = (to_device(store.get(client_id) or {}, self.device)
+                             if store is not None else None)
         metrics: dict[str, float] = {"accuracy": float("nan"), "loss": float("nan")}
         if self.extra_values.get(LABEL_FLIP):
             data = ArrayDataset(data.x, data.num_classes - 1 - data.y, data.num_classes)
@@ -231,7 +234,7 @@ class Learner:
             if hooks.implements("on_epoch_end"):
                 await hooks.on_epoch_end(self, epoch, metrics)
         if store is not None and self.client_state is not None:
-            store.put(client_id, self.client_state)
+            store.put(client_id, to_device(self.client_state, CPU))
         if self.device == CPU:
             new_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:  # updates cross process boundaries as CPU tensors
@@ -260,9 +263,10 @@ class Learner:
         self._custom_step = _overrides(self, "training_step")
         self._pre_step = (self.before_optimizer_step
                           if _overrides(self, "before_optimizer_step") else None)
-        # The CPU generator only: torch.manual_seed also queues lazy seeding of every
-        # accelerator backend, which costs ~0.3 ms per client.
+        # The CPU generator and the learner's device's only: torch.manual_seed also queues
+        # lazy seeding of every accelerator backend, which costs ~0.3 ms per client.
         torch.default_generator.manual_seed(seed)
+        seed_device(self.device, seed)
         return torch.Generator().manual_seed(seed)
 
     def _on_device(self, data: ArrayDataset) -> ArrayDataset:
@@ -277,9 +281,7 @@ class Learner:
     def global_weights(self) -> Weights:
         """The weights this fit started from (the round's global model), on ``device``."""
         if self._global_on_device is None:
-            self._global_on_device = (
-                self._global_source if self.device == CPU
-                else {k: v.to(self.device) for k, v in self._global_source.items()})
+            self._global_on_device = to_device(self._global_source, self.device)
         return self._global_on_device
 
     def begin_fit(self) -> None:
@@ -367,11 +369,11 @@ class Learner:
     def _train_epoch_on_device(self, data: ArrayDataset, order: torch.Tensor) -> dict[str, float]:
         """``train_epoch`` on an accelerator or in reduced precision: sums stay on the
         device (no sync per batch), autocast and, for 16-mixed, a gradient scaler."""
-        optimizer, size = self.optimizer, self.batch_size
+        optimizer, size, post_step = self.optimizer, self.batch_size, self.post_step
         assert optimizer is not None
         n, scaler = len(data), self._scaler
         order = order.to(data.x.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=data.x.device)
+        loss_sum = torch.zeros((), dtype=accumulator_dtype(self.device), device=data.x.device)
         correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
         for start in range(0, n, size):
             index = order[start:start + size]
@@ -379,6 +381,7 @@ class Learner:
             optimizer.zero_grad(set_to_none=True)
             with autocast(self.precision, self.device):
                 loss, logits = self.training_step(x, y)
+            stepped = True
             if scaler is None:
                 loss.backward()
                 if self._pre_step is not None:
@@ -389,11 +392,16 @@ class Learner:
                 if self._pre_step is not None:
                     scaler.unscale_(optimizer)
                     self._pre_step()
+                # A step the scaler skips (inf/NaN gradients) lowers its scale: not counted,
+                # no post_step (scaler.step syncs on the device already).
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-            if self.post_step is not None:
-                self.post_step()
-            self.steps += 1
-            loss_sum += loss.detach().double() * len(index)
+                stepped = scaler.get_scale() >= scale
+            if stepped:
+                if post_step is not None:
+                    post_step()
+                self.steps += 1
+            loss_sum += loss.detach().to(loss_sum.dtype) * len(index)
             correct += (logits.detach().argmax(dim=1) == y).sum()
         return {"accuracy": int(correct) / n, "loss": float(loss_sum) / n}

@@ -87,13 +87,14 @@ def describe_exit(code: int | None) -> str:
 class _Process:
     """The driver's handle on one worker process."""
 
-    def __init__(self, ctx: Any, name: str, init: bytes) -> None:
+    def __init__(self, ctx: Any, name: str, slot: int, init: bytes) -> None:
         conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=worker_main, args=(child,), name=name, daemon=True)
         self.process.start()
         child.close()  # only the child holds its end: its death is an EOF here
         self.conn: Connection = conn
         self.name = name
+        self.slot = slot  # its place among the workers: which GPU it has (a replacement's too)
         self.state = "starting"  # -> "ready"
         self.clients: deque[str] = deque()  # assigned, in order; the first is training
         self.revoked: set[str] = set()  # given to another worker; its update may still come
@@ -209,13 +210,15 @@ class ParallelRuntime(Runtime):
 
     # -- the work, in a thread so that the event loop stays free -----------------------------
 
-    def _spawn(self) -> _Process:
+    def _spawn(self, slot: int | None = None) -> _Process:
+        """A new worker process in ``slot`` (a replaced one's; None: the next)."""
         if self._stop.is_set():  # closing: a replacement would outlive the runtime
             raise WorkerError("the parallel runtime is closing")
+        slot = self._spawned if slot is None else slot
         # worker i trains on GPU i % (visible GPUs) when the learners' device is CUDA
-        device = worker_device(learner_device_name(self.cfg), self._spawned)
+        device = worker_device(learner_device_name(self.cfg), slot)
         self._spawned += 1
-        proc = _Process(self._ctx, f"oiafed-worker-{self._spawned}",
+        proc = _Process(self._ctx, f"oiafed-worker-{self._spawned}", slot,
                         encode_json({**self._init, "device": device}))
         self._procs.append(proc)
         return proc
@@ -357,7 +360,7 @@ class ParallelRuntime(Runtime):
                 "was ready; its output is above. A script that runs the parallel runtime must "
                 "guard its entry point with `if __name__ == \"__main__\":` (worker processes "
                 "import the main module)")
-        self._spawn()
+        self._spawn(proc.slot)
         if not proc.clients or work is None:
             logger.warning("worker process %s (pid %s) ended (%s) while idle; replaced",
                            proc.name, proc.pid, how)
@@ -375,7 +378,7 @@ class ParallelRuntime(Runtime):
             if proc.clients:
                 self._procs.remove(proc)
                 proc.kill()
-                self._spawn()
+                self._spawn(proc.slot)
 
     def _close(self) -> None:
         # a round cancelled mid-way (Ctrl-C) ends within POLL seconds of the stop request
