@@ -108,7 +108,7 @@ def test_every_algorithm_gives_the_serial_history_on_other_runtimes(tmp_path, re
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedadam"])
+@pytest.mark.parametrize("name", ["scaffold", "fedadam"])  # client states; server optimizer
 def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, name):
     rows, whole = kill_and_resume(tmp_path, config_of(name, rounds=6))
     assert [row["round"] for row in rows] == list(range(1, 7))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from oiafed.config import ExperimentConfig
+from oiafed.device import learner_device_name, worker_device
 from oiafed.exceptions import DeploymentError
 from oiafed.runtime import processes
 from oiafed.runtime.grpc.auth import TOKEN_ENV, ServerSecurity, client_token
@@ -117,11 +118,14 @@ class LoopbackRuntime(GrpcRuntime):
         env = {**os.environ, "PYTHONPATH": ProcessSetup.here().pythonpath()}
         threads = str(self.cfg.runtime.threads or 1)
         ctx = processes.context()
-        for cid in self.spec.client_ids:
+        learners = learner_device_name(self.cfg)
+        for index, cid in enumerate(self.spec.client_ids):
             log = log_dir / f"{cid}.log"
             self.logs[cid] = log
+            # client i trains on GPU i % (visible GPUs), as the parallel runtime's workers
             argv = ["client", str(config_file), "--server", f"127.0.0.1:{self.port}",
-                    "--client-id", cid, "--threads", threads, "--reconnect-timeout", "30"]
+                    "--client-id", cid, "--threads", threads, "--reconnect-timeout", "30",
+                    "--device", worker_device(learners, index)]
             token = client_token(self._secret, cid)
             if ctx.get_start_method() == "forkserver":
                 self.processes[cid] = ForkedClient(ctx, argv, log, token)
