@@ -33,6 +33,7 @@ import argparse
 import datetime
 import gzip
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -90,7 +91,8 @@ class Utilisation:
     """Samples the GPU's utilisation (%) every 0.1 s in a thread while in ``with``."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.samples = device, []  # type: ignore[var-annotated]
+        self.device = device
+        self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -177,6 +179,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--workers", default=None, help="comma-separated (default 1,2,4,8)")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="interleaved repetitions of the serial comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu")
     args = parser.parse_args()
     explicit = args.device is not None
@@ -190,7 +194,8 @@ def main() -> int:
     args.rounds = args.rounds or (2 if args.quick else 4)
     if args.quick:
         args.epochs = min(args.epochs, 1)
-    workers = [int(w) for w in (args.workers or ("1,2" if args.quick else "1,2,4,8")).split(",")]
+    workers = [int(w) for w in (args.workers if args.workers is not None
+                                else "1,2" if args.quick else "1,2,4,8").split(",") if w]
     workload = (f"{args.clients} clients x {per_client} MNIST images, CNN 32-64-512, "
                 f"E={args.epochs}, B={args.batch}, {args.rounds} rounds")
     print(f"{device} ({device_name(device)}), torch {torch.__version__}: {workload}")
@@ -198,21 +203,27 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "workload": workload, "parallel": {}}
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "workload": workload, "parallel": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "mnist"
         root.mkdir()
         # oiafed's test split takes 10 %: the clients get per_client images each
         write_subset(args.root, round(per_client * args.clients / 0.9), root)
         base = config(root, args)
-        with Utilisation(device) as usage:
-            result = oiafed.run(base, run_dir=Path(tmp) / "serial")
-        oiafed_time = round_times(result.history)
-        plain_time = plain_rounds(base, device, args.rounds)
-        print(f"serial round: oiafed {oiafed_time:.3f} s, plain PyTorch {plain_time:.3f} s, "
-              f"ratio {oiafed_time / plain_time:.2f}; GPU utilisation {usage.text()}")
-        results.update(oiafed_round_s=oiafed_time, plain_round_s=plain_time,
-                       ratio=oiafed_time / plain_time, gpu_utilisation=usage.text())
+        oiafed_times, plain_times = [], []
+        for rep in range(args.reps):  # interleaved: drift of the machine hits both alike
+            with Utilisation(device) as usage:
+                result = oiafed.run(base, run_dir=Path(tmp) / f"serial-{rep}")
+            oiafed_times.append(round_times(result.history))
+            plain_times.append(plain_rounds(base, device, args.rounds))
+            print(f"serial round: oiafed {oiafed_times[-1]:.3f} s, plain PyTorch "
+                  f"{plain_times[-1]:.3f} s, ratio {oiafed_times[-1] / plain_times[-1]:.3f}; "
+                  f"GPU utilisation {usage.text()}")
+        ratios = [o / p for o, p in zip(oiafed_times, plain_times, strict=True)]
+        print(f"serial round, median of {args.reps}: ratio {statistics.median(ratios):.3f}")
+        results.update(oiafed_round_s=oiafed_times, plain_round_s=plain_times, ratios=ratios,
+                       ratio=statistics.median(ratios), gpu_utilisation=usage.text())
         for count in workers:
             run = oiafed.run(config(root, args, mode="parallel", workers=count),
                              run_dir=Path(tmp) / f"parallel-{count}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from oiafed.core.validation import nonfinite_problems
+from oiafed.core.validation import distances, nonfinite_problems, value_problems
 from oiafed.core.weights import load_weights
 
 
@@ -62,3 +64,25 @@ def test_nonfinite_problems_names_the_bad_tensor_of_each_bad_update():
 def test_nonfinite_problems_does_not_mistake_a_sum_overflow_for_a_bad_value():
     huge = {"w": torch.full((4,), 1e308, dtype=torch.float64)}  # finite; the sum is not
     assert nonfinite_problems([huge, huge]) == [None, None]
+
+
+def test_update_distances_equal_a_float64_computation():
+    gen = torch.Generator().manual_seed(0)
+    reference = {"w": torch.randn(50, 40, generator=gen), "b": torch.randn(40, generator=gen),
+                 "h": torch.randn(30, generator=gen).to(torch.bfloat16), "steps": torch.tensor(3)}
+    updates = [{k: (v + 0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype)
+                if v.is_floating_point() else v + 1 for k, v in reference.items()}
+               for _ in range(3)]
+    expected = [math.sqrt(sum(((u[k].double() - reference[k].double()) ** 2).sum().item()
+                              for k in ("w", "b", "h"))) for u in updates]
+    assert distances(updates, reference) == pytest.approx(expected, rel=1e-6)
+    assert distances(updates, reference, exact=True) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_distance_beyond_float32_is_measured_exactly_not_taken_for_a_non_finite_value():
+    reference = {"w": torch.zeros(8)}
+    near = [{"w": torch.full((8,), 0.01 * (i + 1))} for i in range(3)]
+    far = {"w": torch.full((8,), 3e38)}  # finite; its squared norm overflows float32
+    problems = value_problems([*near, far], reference, ratio=10.0)
+    assert problems[:3] == [None, None, None]
+    assert problems[3] is not None and problems[3].startswith("it is 8.49e+38 from the global")

@@ -98,11 +98,24 @@ def worker_device(name: str, index: int) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """A human name of ``device``: the GPU's name, or the CPU's (``platform.processor()``)."""
+    """A human name of ``device``: the GPU's name, or the CPU's."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
+    return _cpu_name()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or "cpu"
 
 

@@ -31,25 +31,36 @@ def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
     keys = [key for key, tensor in weights_list[0].items() if tensor.is_floating_point()]
     if not keys:
         return [None] * len(weights_list)
-    sums = torch.stack([torch.stack([w[key] for w in weights_list]).sum() for key in keys])
+    sums = torch.stack([w[key].sum() for key in keys for w in weights_list])
     if bool(sums.isfinite().all()):
         return [None] * len(weights_list)
     bad_keys = [_nonfinite_key(weights) for weights in weights_list]
     return [None if key is None else f"{key} holds non-finite values" for key in bad_keys]
 
 
-def distances(weights_list: list[Weights], reference: Weights) -> list[float]:
+def distances(weights_list: list[Weights], reference: Weights,
+              exact: bool = False) -> list[float]:
     """The L2 distance of each of ``weights_list`` from ``reference`` over ``reference``'s
-    floating-point tensors, in float64 (weights near float32's limits give a large or infinite
-    distance, never a NaN). One stacked operation per key for the whole round."""
-    squared = torch.zeros(len(weights_list), dtype=torch.float64)
-    for key, ref in reference.items():
-        if ref.is_floating_point():
-            diff = torch.stack([w[key] for w in weights_list]) - ref
-            norms = torch.linalg.vector_norm(diff.reshape(len(weights_list), -1), dim=1,
-                                             dtype=torch.float64)
-            squared += norms.cpu().square()
-    return squared.sqrt().tolist()
+    floating-point tensors: each tensor's difference and norm in its own precision (at least
+    float32), the norms combined in float64; ``exact``: all in float64 (weights near float32's
+    limits give a large distance where float32 overflows to infinity; never a NaN for finite
+    weights). Nothing is stacked: one pass over each update."""
+    wide = torch.float64 if exact else None
+    refs = {key: _widened(ref, wide) for key, ref in reference.items() if ref.is_floating_point()}
+    found = []
+    for weights in weights_list:
+        norms = [torch.linalg.vector_norm(_widened(weights[key], wide) - ref)
+                 for key, ref in refs.items()]
+        total = torch.stack(norms).to(torch.float64).square().sum() if norms else torch.zeros(())
+        found.append(float(total.sqrt()))
+    return found
+
+
+def _widened(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype``, or (None) in at least float32."""
+    if dtype is not None:
+        return tensor.to(dtype)
+    return tensor.float() if tensor.element_size() < 4 else tensor
 
 
 def distance_problems(weights_list: list[Weights], reference: Weights,
@@ -64,7 +75,8 @@ def distance_problems(weights_list: list[Weights], reference: Weights,
     """
     if not weights_list:
         return []
-    return far_problems(distances(weights_list, _beside(weights_list, reference)), ratio)
+    return far_problems(distances(weights_list, _beside(weights_list, reference), exact=True),
+                        ratio)
 
 
 def value_problems(weights_list: list[Weights], reference: Weights,
@@ -81,6 +93,7 @@ def value_problems(weights_list: list[Weights], reference: Weights,
     found = distances(weights_list, reference)
     if all(math.isfinite(d) for d in found):
         return far_problems(found, ratio)
+    # a non-finite value, or a float32 overflow: which, exactly
     problems = nonfinite_problems(weights_list)
     finite = [i for i, problem in enumerate(problems) if problem is None]
     far = distance_problems([weights_list[i] for i in finite], reference, ratio)
