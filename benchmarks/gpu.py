@@ -88,13 +88,14 @@ def round_times(history: list[dict[str, Any]]) -> float:
 
 
 class Utilisation:
-    """Samples the GPU's utilisation (%) every 0.1 s in a thread while in ``with``."""
+    """Samples the GPU's utilisation (%) every 0.1 s in a thread while in ``with`` (each
+    ``with`` adds to the same samples)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.samples: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread: threading.Thread | None = None
 
     def _read(self) -> float | None:
         try:
@@ -121,13 +122,16 @@ class Utilisation:
 
     def __enter__(self) -> Utilisation:
         if self.device.type == "cuda":
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread is not None:
             self._thread.join()
+            self._thread = None
 
     def text(self) -> str:
         return f"{statistics.mean(self.samples):.0f} %" if self.samples else "n/a"
@@ -183,6 +187,8 @@ def main() -> int:
                         help="interleaved repetitions of the serial comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu")
     args = parser.parse_args()
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
     explicit = args.device is not None
     args.device = args.device or "auto"
     device = resolve_device(args.device)
@@ -212,16 +218,17 @@ def main() -> int:
         write_subset(args.root, round(per_client * args.clients / 0.9), root)
         base = config(root, args)
         oiafed_times, plain_times = [], []
+        usage = Utilisation(device)  # sampled during oiafed's runs, all repetitions
         for rep in range(args.reps):  # interleaved: drift of the machine hits both alike
-            with Utilisation(device) as usage:
+            with usage:
                 result = oiafed.run(base, run_dir=Path(tmp) / f"serial-{rep}")
             oiafed_times.append(round_times(result.history))
             plain_times.append(plain_rounds(base, device, args.rounds))
             print(f"serial round: oiafed {oiafed_times[-1]:.3f} s, plain PyTorch "
-                  f"{plain_times[-1]:.3f} s, ratio {oiafed_times[-1] / plain_times[-1]:.3f}; "
-                  f"GPU utilisation {usage.text()}")
+                  f"{plain_times[-1]:.3f} s, ratio {oiafed_times[-1] / plain_times[-1]:.3f}")
         ratios = [o / p for o, p in zip(oiafed_times, plain_times, strict=True)]
-        print(f"serial round, median of {args.reps}: ratio {statistics.median(ratios):.3f}")
+        print(f"serial round, median of {args.reps}: ratio {statistics.median(ratios):.3f}; "
+              f"GPU utilisation {usage.text()}")
         results.update(oiafed_round_s=oiafed_times, plain_round_s=plain_times, ratios=ratios,
                        ratio=statistics.median(ratios), gpu_utilisation=usage.text())
         for count in workers:

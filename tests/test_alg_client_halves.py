@@ -323,13 +323,31 @@ def test_fednova_client_refuses_adam():
 
 def test_fednova_rejects_a_missing_or_bad_a_norm():
     x, aggregator = server_weights(), FedNova()
-    for values in [{}, {"a_norm": 0.0}, {"a_norm": -1.0}, {"a_norm": True},
+    for values in [{}, {"a_norm": -1.0}, {"a_norm": True},
                    {"a_norm": float("nan")}, {"a_norm": "2"},
                    {"a_norm": 2.0, "weight": tensor(1, 2, 3)}]:  # no tensors expected
         assert aggregator.update_problem(client_update(0, 4, **values), x) is not None
     assert aggregator.update_problem(client_update(0, 4, a_norm=2.0), x) is None
     assert aggregator.update_problem(client_update(0, 0, a_norm=0.0), x) is None
     assert aggregator.state_dict() == {}
+
+
+def test_a_fednova_client_that_took_no_step_adds_no_direction():
+    # a_norm 0 with samples: every step skipped (a 16-mixed gradient scaler). Its samples
+    # count in p_i, its a_i = 0 in tau_eff, and its d_i (0/0) is no direction at all.
+    x, norms, sizes = server_weights(), [3.0, 0.0, 12.5], [5, 20, 11]
+    updates = nova_updates(norms, sizes)
+    aggregator = FedNova()
+    aggregator.context = context(("client_0", "client_1", "client_2"), 3)
+    accept_all(aggregator, updates, x)
+    result = aggregator.aggregate(updates, x)
+    p = np.array(sizes) / sum(sizes)
+    tau_eff = float(np.dot(p, norms))
+    for k in PARAMS:
+        xk = x[k].numpy()
+        step = sum(pi * (xk - u.weights[k].numpy()) / a
+                   for pi, u, a in zip(p, updates, norms, strict=True) if a > 0)
+        assert_close(result[k], xk - tau_eff * step)
 
 
 def test_fednova_normalises_only_the_rounds_parameters():

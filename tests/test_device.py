@@ -168,8 +168,14 @@ def test_ray_learners_on_cuda_need_a_gpu_share_and_plain_cuda(runtime, key):
     config = tiny_config(device="cuda", runtime={"mode": "ray", **runtime})
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: "):
         oiafed.validate(config)
-    oiafed.validate(tiny_config(device="cuda", runtime={"mode": "ray",
-                                                        "num_gpus_per_client": 0.5}))
+    for valid in [{"device": "cuda", "runtime": {"num_gpus_per_client": 0.5}},
+                  {"device": "cuda:0", "runtime": {"num_gpus_per_client": 1}},
+                  {"device": "auto", "runtime": {}},  # no share: actors train on the CPU
+                  {"device": "cuda", "runtime": {"device": "cpu"}}]:
+        oiafed.validate(tiny_config(device=valid["device"],
+                                    runtime={"mode": "ray", **valid["runtime"]}))
+    for mode in ("serial", "parallel", "grpc"):  # no GPU shares outside Ray
+        oiafed.validate(tiny_config(device="cuda:1", runtime={"mode": mode}))
 
 
 def test_ray_actor_options_reserve_gpus():

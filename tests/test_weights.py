@@ -77,6 +77,7 @@ def test_update_distances_equal_a_float64_computation():
                               for k in ("w", "b", "h"))) for u in updates]
     assert distances(updates, reference) == pytest.approx(expected, rel=1e-6)
     assert distances(updates, reference, exact=True) == pytest.approx(expected, rel=1e-12)
+    assert distances([{"steps": torch.tensor(4)}], {"steps": torch.tensor(3)}) == [0.0]
 
 
 def test_a_distance_beyond_float32_is_measured_exactly_not_taken_for_a_non_finite_value():

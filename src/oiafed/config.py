@@ -372,23 +372,23 @@ def check_components(cfg: ExperimentConfig, folder: str | Path | None = None) ->
 
 def check_ray_devices(cfg: ExperimentConfig) -> None:
     """Ray shows an actor only the GPUs it reserves: learners on ``cuda`` need
-    ``runtime.num_gpus_per_client`` > 0, and an actor's GPU is ``cuda`` (``cuda:N`` names
-    one it may not see).
+    ``runtime.num_gpus_per_client`` > 0, and an actor's GPU is ``cuda`` (``cuda:0``;
+    ``cuda:N`` names one it does not see).
 
     Raises:
         ConfigError: naming ``runtime.num_gpus_per_client`` or the learners' device key.
     """
     name = cfg.runtime.device or cfg.device
-    key = "runtime.device" if cfg.runtime.device else "device"
     if not name.startswith("cuda"):
         return
     if cfg.runtime.num_gpus_per_client == 0:
         raise ConfigError(f"learners on {name} in Ray actors need a GPU share: Ray hides every "
                           "GPU from an actor that reserves none; set it, e.g. 0.25 (four actors "
                           "per GPU)", "runtime.num_gpus_per_client")
-    if name != "cuda":
-        raise ConfigError(f"{name} in a Ray actor: the actor sees only the GPU Ray gives it; "
-                          "use cuda (or auto)", key)
+    if name not in ("cuda", "cuda:0"):
+        raise ConfigError(f"{name} in a Ray actor: the actor sees only the GPU Ray gives it, "
+                          "as cuda; set runtime.device: cuda",
+                          "runtime.device" if cfg.runtime.device else "device")
 
 
 def pair_halves(cfg: ExperimentConfig) -> None:

@@ -70,11 +70,13 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 
 
 def seed_device(device: torch.device, seed: int) -> None:
-    """Seed ``device``'s own generator (randomness inside a model on a GPU: dropout), that
-    one GPU only; nothing for the CPU (its generator is seeded apart) or MPS."""
+    """Seed ``device``'s own generator (randomness inside a model on an accelerator, such as
+    dropout): that one GPU only, or MPS; nothing for the CPU (its generator is seeded apart)."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
 
 
 def learner_device_name(cfg: Any) -> str:

@@ -54,8 +54,8 @@ class FedNova(Aggregator):
         problem = extras_problem(update, {}, values=(A_NORM,))
         if problem is None:
             norm = update.extra_values[A_NORM]
-            if norm < 0 or (norm == 0 and update.num_samples > 0):
-                return f"extra value {A_NORM!r} must be > 0 (>= 0 without samples), got {norm}"
+            if norm < 0:  # 0: no step taken (no samples, or a 16-mixed scaler skipped them)
+                return f"extra value {A_NORM!r} must be >= 0, got {norm}"
         return problem
 
     def aggregate(self, updates: list[ClientUpdate], global_weights: Weights) -> Weights:
@@ -66,6 +66,7 @@ class FedNova(Aggregator):
         kept = [(u, n / total, float(u.extra_values[A_NORM]))
                 for u, n in zip(updates, sizes, strict=True) if n > 0]
         tau_eff = sum(p * norm for _, p, norm in kept)
+        kept = [(u, p, norm) for u, p, norm in kept if norm > 0]  # no step: no direction
         for name in names:
             x = global_weights[name].to(torch.float64)
             step = sum(p / norm * (x - u.weights[name].to(torch.float64)) for u, p, norm in kept)

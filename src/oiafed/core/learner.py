@@ -375,6 +375,7 @@ class Learner:
         order = order.to(data.x.device)
         loss_sum = torch.zeros((), dtype=accumulator_dtype(self.device), device=data.x.device)
         correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
+        scale = scaler.get_scale() if scaler is not None else 0.0
         for start in range(0, n, size):
             index = order[start:start + size]
             x, y = data.x[index], data.y[index]
@@ -393,11 +394,10 @@ class Learner:
                     scaler.unscale_(optimizer)
                     self._pre_step()
                 # A step the scaler skips (inf/NaN gradients) lowers its scale: not counted,
-                # no post_step (scaler.step syncs on the device already).
-                scale = scaler.get_scale()
+                # no post_step (one sync more than scaler.step's own).
                 scaler.step(optimizer)
                 scaler.update()
-                stepped = scaler.get_scale() >= scale
+                stepped, scale = scaler.get_scale() >= scale, scaler.get_scale()
             if stepped:
                 if post_step is not None:
                     post_step()

@@ -47,12 +47,13 @@ def distances(weights_list: list[Weights], reference: Weights,
     weights). Nothing is stacked: one pass over each update."""
     wide = torch.float64 if exact else None
     refs = {key: _widened(ref, wide) for key, ref in reference.items() if ref.is_floating_point()}
+    if not refs:
+        return [0.0] * len(weights_list)
     found = []
-    for weights in weights_list:
-        norms = [torch.linalg.vector_norm(_widened(weights[key], wide) - ref)
-                 for key, ref in refs.items()]
-        total = torch.stack(norms).to(torch.float64).square().sum() if norms else torch.zeros(())
-        found.append(float(total.sqrt()))
+    for weights in weights_list:  # two fused calls per update, whatever the tensor count
+        norms = torch._foreach_norm(torch._foreach_sub(
+            [_widened(weights[key], wide) for key in refs], list(refs.values())))
+        found.append(float(torch.stack(norms).to(torch.float64).square().sum().sqrt()))
     return found
 
 
