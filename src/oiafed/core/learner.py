@@ -51,8 +51,9 @@ class Learner:
 
     Per-client state: with ``client_state: true``, ``learner.client_state`` is the dict of the
     client being trained (tensors and JSON-able values, empty the first time), loaded from
-    ``learner.state_store`` (a ``ClientStateStore``) before its first epoch and stored back
-    after its last, for a subclass or an epoch hook to keep what it needs between the rounds a
+    ``learner.state_store`` (a ``ClientStateStore``) before its first epoch, its tensors on
+    ``learner.device``, and stored back (on the CPU) after its last: changes in ``end_fit``
+    are not kept. A subclass or an epoch hook keeps there what it needs between the rounds a
     client is sampled in. At most ``client_state_memory`` clients' states stay in memory; the
     others spill to ``client_state_dir`` (default: a temporary folder, removed at exit). The
     store belongs to this learner's process: runtimes that train a client in several processes
