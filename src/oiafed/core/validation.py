@@ -8,6 +8,8 @@ import torch
 
 from oiafed.core.types import ClientUpdate, Weights
 
+CHUNK_VALUES = 1 << 24
+"""The most values of update differences ``distances`` holds at once (64 MiB of float32)."""
 MAX_NUM_SAMPLES = 2**53
 """The largest ``num_samples`` an update may declare: exact as the float64 weight it becomes
 (a larger int may not even convert to a float)."""
@@ -44,16 +46,21 @@ def distances(weights_list: list[Weights], reference: Weights,
     floating-point tensors: each tensor's difference and norm in its own precision (at least
     float32), the norms combined in float64; ``exact``: all in float64 (weights near float32's
     limits give a large distance where float32 overflows to infinity; never a NaN for finite
-    weights). Nothing is stacked: one pass over each update."""
+    weights). Two fused calls per chunk of updates (whatever their tensor count), each chunk's
+    differences at most ``CHUNK_VALUES`` values unless one update alone is larger."""
     wide = torch.float64 if exact else None
-    refs = {key: _widened(ref, wide) for key, ref in reference.items() if ref.is_floating_point()}
+    refs = [_widened(ref, wide) for ref in reference.values() if ref.is_floating_point()]
     if not refs:
         return [0.0] * len(weights_list)
-    found = []
-    for weights in weights_list:  # two fused calls per update, whatever the tensor count
+    keys = [key for key, ref in reference.items() if ref.is_floating_point()]
+    chunk = max(1, CHUNK_VALUES // max(1, sum(ref.numel() for ref in refs)))
+    found: list[float] = []
+    for start in range(0, len(weights_list), chunk):
+        part = weights_list[start:start + chunk]
         norms = torch._foreach_norm(torch._foreach_sub(
-            [_widened(weights[key], wide) for key in refs], list(refs.values())))
-        found.append(float(torch.stack(norms).to(torch.float64).square().sum().sqrt()))
+            [_widened(weights[key], wide) for weights in part for key in keys], refs * len(part)))
+        squared = torch.stack(norms).to(torch.float64).square().reshape(len(part), len(keys))
+        found += squared.sum(dim=1).sqrt().tolist()
     return found
 
 
