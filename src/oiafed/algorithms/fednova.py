@@ -10,11 +10,14 @@ the same number of steps this is FedAvg.
 
 Only the model's floating-point parameters (``RoundContext.parameter_names``) are normalised;
 buffers (batch norm's running statistics) take FedAvg's average, integer buffers the largest
-client's.
+client's. A client with samples that took no step (``||a_i||_1 = 0``: a 16-mixed gradient
+scaler skipped them all), for which the paper leaves ``d_i`` undefined, gets ``d_i = 0`` and
+keeps its ``p_i`` (a warning names how many there were).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -27,6 +30,8 @@ from oiafed.registry import register
 
 A_NORM = "a_norm"
 """The value a client returns: ``||a_i||_1`` of its local training."""
+
+logger = logging.getLogger(__name__)
 
 
 def a_norm(steps: int, momentum: float = 0.0) -> float:
@@ -66,7 +71,12 @@ class FedNova(Aggregator):
         kept = [(u, n / total, float(u.extra_values[A_NORM]))
                 for u, n in zip(updates, sizes, strict=True) if n > 0]
         tau_eff = sum(p * norm for _, p, norm in kept)
-        kept = [(u, p, norm) for u, p, norm in kept if norm > 0]  # no step: no direction
+        stepped = [(u, p, norm) for u, p, norm in kept if norm > 0]  # no step: no direction
+        if len(stepped) < len(kept):
+            logger.warning("fednova: %d client(s) with samples took no optimizer step "
+                           "(a_norm 0): no direction from them this round",
+                           len(kept) - len(stepped))
+        kept = stepped
         for name in names:
             x = global_weights[name].to(torch.float64)
             step = sum(p / norm * (x - u.weights[name].to(torch.float64)) for u, p, norm in kept)

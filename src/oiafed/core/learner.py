@@ -398,7 +398,8 @@ class Learner:
                 # no post_step (one sync more than scaler.step's own).
                 scaler.step(optimizer)
                 scaler.update()
-                stepped, scale = scaler.get_scale() >= scale, scaler.get_scale()
+                new_scale = scaler.get_scale()  # 0 after ~166 skips in a row: all skipped
+                stepped, scale = new_scale >= scale and new_scale > 0, new_scale
             if stepped:
                 if post_step is not None:
                     post_step()
