@@ -67,9 +67,9 @@ def test_nonfinite_problems_does_not_mistake_a_sum_overflow_for_a_bad_value():
     assert nonfinite_problems([huge, huge]) == [None, None]
 
 
-@pytest.mark.parametrize("chunk", [validation.CHUNK_VALUES, 5000, 1])  # 3, 2 or 1 at once
-def test_update_distances_equal_a_float64_computation(monkeypatch, chunk):
-    monkeypatch.setattr(validation, "CHUNK_VALUES", chunk)
+@pytest.mark.parametrize("stack", [validation.STACK_VALUES, 200, 0])  # all, some or no names
+def test_update_distances_equal_a_float64_computation(monkeypatch, stack):
+    monkeypatch.setattr(validation, "STACK_VALUES", stack)
     gen = torch.Generator().manual_seed(0)
     reference = {"w": torch.randn(50, 40, generator=gen), "b": torch.randn(40, generator=gen),
                  "h": torch.randn(30, generator=gen).to(torch.bfloat16), "steps": torch.tensor(3)}

@@ -7,9 +7,11 @@ import math
 import torch
 
 from oiafed.core.types import ClientUpdate, Weights
+from oiafed.device import CPU
 
-CHUNK_VALUES = 1 << 24
-"""The most values of update differences ``distances`` holds at once (64 MiB of float32)."""
+STACK_VALUES = 1 << 20
+"""The most values ``distances`` stacks into one tensor (4 MiB of float32): small tensors of
+all updates at once, few operations; larger ones update by update, no copy."""
 MAX_NUM_SAMPLES = 2**53
 """The largest ``num_samples`` an update may declare: exact as the float64 weight it becomes
 (a larger int may not even convert to a float)."""
@@ -46,22 +48,25 @@ def distances(weights_list: list[Weights], reference: Weights,
     floating-point tensors: each tensor's difference and norm in its own precision (at least
     float32), the norms combined in float64; ``exact``: all in float64 (weights near float32's
     limits give a large distance where float32 overflows to infinity; never a NaN for finite
-    weights). Two fused calls per chunk of updates (whatever their tensor count), each chunk's
-    differences at most ``CHUNK_VALUES`` values unless one update alone is larger."""
+    weights). A tensor name whose tensors total at most ``STACK_VALUES`` over the updates is
+    measured for all of them in one stacked operation; a larger one update by update, so
+    nothing large is copied."""
+    if not weights_list:
+        return []
     wide = torch.float64 if exact else None
-    refs = [_widened(ref, wide) for ref in reference.values() if ref.is_floating_point()]
-    if not refs:
-        return [0.0] * len(weights_list)
-    keys = [key for key, ref in reference.items() if ref.is_floating_point()]
-    chunk = max(1, CHUNK_VALUES // max(1, sum(ref.numel() for ref in refs)))
-    found: list[float] = []
-    for start in range(0, len(weights_list), chunk):
-        part = weights_list[start:start + chunk]
-        norms = torch._foreach_norm(torch._foreach_sub(
-            [_widened(weights[key], wide) for weights in part for key in keys], refs * len(part)))
-        squared = torch.stack(norms).to(torch.float64).square().reshape(len(part), len(keys))
-        found += squared.sum(dim=1).sqrt().tolist()
-    return found
+    squared = torch.zeros(len(weights_list), dtype=torch.float64)
+    for key, ref in reference.items():
+        if not ref.is_floating_point():
+            continue
+        ref = _widened(ref, wide)
+        if ref.numel() * len(weights_list) <= STACK_VALUES:
+            diff = torch.stack([_widened(w[key], wide) for w in weights_list]).sub_(ref)
+            norms = torch.linalg.vector_norm(diff.reshape(len(weights_list), -1), dim=1)
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(_widened(w[key], wide) - ref)
+                                 for w in weights_list])
+        squared += norms.to(CPU, torch.float64).square()
+    return squared.sqrt().tolist()
 
 
 def _widened(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
