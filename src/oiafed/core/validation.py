@@ -27,8 +27,8 @@ def nonfinite_problems(weights_list: list[Weights]) -> list[str | None]:
     """For state dicts with the same keys and shapes: why each cannot be averaged for its
     non-finite values (None: every value is finite).
 
-    Fast when all is well: one sum per key over all the state dicts (finite exactly when
-    every term is, short of an overflow, which only sends us to the exact check).
+    Fast when all is well: one sum per tensor, no copy (finite exactly when every term is,
+    short of an overflow, which only sends us to the exact check).
     """
     if not weights_list:
         return []
