@@ -262,7 +262,6 @@ def test_every_algorithm_with_the_server_and_learners_on_either_device(tmp_path,
         model={"type": "mlp", "args": {"hidden": [16]}},
         aggregator={"type": name, "args": CUDA_ALGORITHMS[name]}), run_dir=tmp_path / "run")
     assert finite_history(result.history)
-    assert all(v.device.type == "cpu" for v in result.weights.values())
 
 
 @cuda

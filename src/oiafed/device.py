@@ -15,7 +15,8 @@ import contextlib
 import functools
 import os
 import platform
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -55,6 +56,17 @@ def resolve_device(name: str | torch.device | None, key: str = "device") -> torc
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{name} requested but torch.backends.mps.is_available() is False", key)
     return device
+
+
+V = TypeVar("V")
+
+
+def to_device(values: Mapping[str, V], device: torch.device) -> dict[str, V]:
+    """``values`` with each tensor on ``device`` (one already there is kept as it is; other
+    values unchanged). Copies to an accelerator do not block; copies to the CPU do."""
+    blocking = device.type == "cpu"
+    return {k: cast(V, v.to(device, non_blocking=not blocking))
+            if isinstance(v, torch.Tensor) else v for k, v in values.items()}
 
 
 def server_device(name: str) -> torch.device:

@@ -71,15 +71,14 @@ class FedNova(Aggregator):
         kept = [(u, n / total, float(u.extra_values[A_NORM]))
                 for u, n in zip(updates, sizes, strict=True) if n > 0]
         tau_eff = sum(p * norm for _, p, norm in kept)
-        stepped = [(u, p, norm) for u, p, norm in kept if norm > 0]  # no step: no direction
-        if len(stepped) < len(kept):
+        moved = [(u, p, norm) for u, p, norm in kept if norm > 0]  # no step: no direction
+        if len(moved) < len(kept):
             logger.warning("fednova: %d client(s) with samples took no optimizer step "
                            "(a_norm 0): no direction from them this round",
-                           len(kept) - len(stepped))
-        kept = stepped
+                           len(kept) - len(moved))
         for name in names:
             x = global_weights[name].to(torch.float64)
-            step = sum(p / norm * (x - u.weights[name].to(torch.float64)) for u, p, norm in kept)
+            step = sum(p / norm * (x - u.weights[name].to(torch.float64)) for u, p, norm in moved)
             new[name] = (x - tau_eff * step).to(global_weights[name].dtype)
         return new
 

@@ -13,9 +13,16 @@ from oiafed.callbacks.base import CallbackManager
 from oiafed.client_state import ClientStateStore
 from oiafed.core.evaluation import evaluate
 from oiafed.core.types import JSON, ClientUpdate, Tensors, Weights
-from oiafed.core.weights import load_weights, to_device
+from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
-from oiafed.device import CPU, accumulator_dtype, autocast, check_precision, seed_device
+from oiafed.device import (
+    CPU,
+    accumulator_dtype,
+    autocast,
+    check_precision,
+    seed_device,
+    to_device,
+)
 from oiafed.exceptions import ConfigError
 from oiafed.registry import register
 

@@ -47,7 +47,7 @@ from oiafed.core.validation import (
     value_problems,
     weights_problem,
 )
-from oiafed.core.weights import load_weights, to_device
+from oiafed.core.weights import load_weights
 from oiafed.data.arrays import ArrayDataset
 from oiafed.data.federated import ClientIds, id_set
 from oiafed.exceptions import ConfigError, RoundFailed, SelectionError
@@ -440,10 +440,7 @@ class Trainer:
             self._apply_attack(round_num, updates, attacked, global_weights)
         if self.device.type != "cpu":
             for update in updates:
-                update.weights = to_device(update.weights, self.device)
-                update.extra_tensors = to_device(update.extra_tensors, self.device)
-                if isinstance(update, SecureSum):
-                    update.update_sum = to_device(update.update_sum, self.device)
+                update.move_to(self.device)
         await self.callbacks.on_aggregate_start(self, updates)
         weights = aggregator.aggregate(
             updates if self.privacy is None

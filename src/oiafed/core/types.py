@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from oiafed.core.client_states import ClientStates
+from oiafed.device import to_device
 
 Weights = dict[str, torch.Tensor]
 """A model's weights: parameter and buffer name -> tensor (a ``state_dict``)."""
@@ -80,6 +81,11 @@ class ClientUpdate:
     attacked: bool = False
     """Set by the server on the updates of clients a simulated ``attack`` controls."""
 
+    def move_to(self, device: torch.device) -> None:
+        """Put the update's tensors on ``device`` (the server's, before aggregation)."""
+        self.weights = to_device(self.weights, device)
+        self.extra_tensors = to_device(self.extra_tensors, device)
+
 
 @dataclass
 class SecureSum(ClientUpdate):
@@ -97,6 +103,10 @@ class SecureSum(ClientUpdate):
 
     members: tuple[str, ...] = ()
     update_sum: Weights = field(default_factory=dict)
+
+    def move_to(self, device: torch.device) -> None:
+        super().move_to(device)
+        self.update_sum = to_device(self.update_sum, device)
 
 
 @dataclass

@@ -1,9 +1,6 @@
-"""Moving weights into a model in place, the hot path of every round; and between devices."""
+"""Moving weights into a model in place, the hot path of every round."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -42,14 +39,3 @@ def load_weights(model: nn.Module, weights: Weights) -> None:
                 tensor.copy_(weights[key])
     else:
         model.load_state_dict(weights)
-
-
-V = TypeVar("V")
-
-
-def to_device(values: Mapping[str, V], device: torch.device) -> dict[str, V]:
-    """``values`` with each tensor on ``device`` (one already there is kept as it is; other
-    values unchanged). Copies to an accelerator do not block; copies to the CPU do."""
-    blocking = device.type == "cpu"
-    return {k: cast(V, v.to(device, non_blocking=not blocking))
-            if isinstance(v, torch.Tensor) else v for k, v in values.items()}
